@@ -1,0 +1,432 @@
+"""DinoModel: a ViT (or ResNet) backbone and the DINO projection head, as a transformers `PreTrainedModel`.
+
+The ViT reuses transformers' own modules (`ViTEmbeddings`, `ViTLayer`), so its weights carry transformers'
+names and export to a stock `ViTModel` unchanged. The forward pass is written here because DINO needs three
+things transformers' ViT does not do: stochastic depth, the original positional-embedding interpolation
+(bicubic with `scale_factor` and a +0.1 offset, dino#8) and the last layer's attention probabilities without
+running every layer in eager attention.
+
+This file is copied next to saved checkpoints (remote code), so it imports nothing from hf_dino but its config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel, ResNetModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.models.vit.modeling_vit import ViTEmbeddings, ViTLayer
+from transformers.utils import ModelOutput
+
+from .configuration_dino import DinoConfig
+
+
+@dataclass
+class DinoModelOutput(ModelOutput):
+    r"""Output of [`DinoModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, 1 + num_patches, hidden_size)`):
+            ViT: every token after the final norm (CLS first). ResNet: the last feature map
+            `(batch, channels, height, width)`.
+        pooler_output (`torch.FloatTensor` of shape `(batch, embed_dim)`):
+            The features DINO trains and evaluates: the final-norm CLS token (ViT) or the average-pooled last
+            feature map (ResNet). Feed them to `model.head` for the projection-head output.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            With `output_hidden_states=True`: the embeddings and the output of every block, before the final norm.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            With `output_attentions=True`: attention probabilities of shape `(batch, heads, tokens, tokens)`.
+            Under the default (sdpa) attention only the last layer's is computed, so the tuple holds one tensor;
+            with `attn_implementation="eager"` it holds every layer's. `attentions[-1]` is always the last layer.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample, rescaling the kept ones (official DropPath)."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1.0 - drop_prob
+    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    keep = torch.floor(keep_prob + torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device))
+    return hidden_states.div(keep_prob) * keep
+
+
+class DinoVisionTransformer(nn.Module):
+    """The ViT backbone: transformers' ViT modules (same parameter names as `ViTModel`), DINO's forward.
+
+    Args:
+        config: the `DinoConfig`; its `backbone_config` is a `ViTConfig`.
+    """
+
+    def __init__(self, config: DinoConfig) -> None:
+        super().__init__()
+        vit_config = config.backbone_config
+        self.num_heads = vit_config.num_attention_heads
+        self.head_dim = vit_config.hidden_size // vit_config.num_attention_heads
+        self.patch_size = config.patch_size
+        self.embeddings = ViTEmbeddings(vit_config)
+        self.layers = nn.ModuleList([ViTLayer(vit_config) for _ in range(vit_config.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(vit_config.hidden_size, eps=vit_config.layer_norm_eps)
+        self.activation = ACT2FN[vit_config.hidden_act]
+        # Official schedule: drop-path rate rising linearly with depth, 0 for the first block.
+        depth = vit_config.num_hidden_layers
+        self.drop_path_rates = [rate.item() for rate in torch.linspace(0, config.drop_path_rate, depth)]
+        self.gradient_checkpointing = False
+
+    def interpolate_position_embeddings(self, height_patches: int, width_patches: int) -> torch.Tensor:
+        """Positional embeddings for a `height_patches x width_patches` grid, as the original DINO resizes them.
+
+        Returns:
+            `(1, 1 + height_patches * width_patches, hidden_size)`.
+        """
+        position_embeddings = self.embeddings.position_embeddings
+        num_positions = position_embeddings.shape[1] - 1
+        if height_patches * width_patches == num_positions and height_patches == width_patches:
+            return position_embeddings
+        side = int(math.sqrt(num_positions))
+        dim = position_embeddings.shape[-1]
+        class_position = position_embeddings[:, :1]
+        grid = position_embeddings[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        # The +0.1 makes the output size round to the wanted grid despite floating point (dino#8).
+        scale = ((height_patches + 0.1) / side, (width_patches + 0.1) / side)
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
+        if grid.shape[-2:] != (height_patches, width_patches):
+            raise RuntimeError(
+                f"interpolated grid {tuple(grid.shape[-2:])} != {(height_patches, width_patches)}"
+            )
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((class_position, grid), dim=1)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + CLS token + positional embedding: `(B, C, H, W)` -> `(B, 1 + N, D)`."""
+        patches = self.embeddings.patch_embeddings.projection(pixel_values)  # (B, D, h, w)
+        height_patches, width_patches = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)
+        cls_token = self.embeddings.cls_token.expand(patches.shape[0], -1, -1)
+        tokens = torch.cat((cls_token, patches), dim=1)
+        return tokens + self.interpolate_position_embeddings(height_patches, width_patches).to(tokens.dtype)
+
+    def attention(
+        self, layer: ViTLayer, hidden_states: torch.Tensor, return_probabilities: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Multi-head self-attention of one block; probabilities are only materialised when asked for."""
+        batch, tokens, width = hidden_states.shape
+        module = layer.attention
+
+        def heads(projection: nn.Linear) -> torch.Tensor:
+            return (
+                projection(hidden_states).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            )
+
+        query, key, value = heads(module.q_proj), heads(module.k_proj), heads(module.v_proj)
+        probabilities = None
+        if return_probabilities:
+            scores = (query @ key.transpose(-2, -1)) * self.head_dim**-0.5
+            probabilities = scores.softmax(dim=-1)
+            context = probabilities @ value
+        else:
+            context = F.scaled_dot_product_attention(query, key, value)
+        context = context.transpose(1, 2).reshape(batch, tokens, width)
+        return module.o_proj(context), probabilities
+
+    def block(
+        self, index: int, hidden_states: torch.Tensor, return_probabilities: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pre-norm transformer block with stochastic depth on both residual branches."""
+        layer = self.layers[index]
+        rate = self.drop_path_rates[index]
+        attended, probabilities = self.attention(
+            layer, layer.layernorm_before(hidden_states), return_probabilities
+        )
+        hidden_states = hidden_states + drop_path(attended, rate, self.training)
+        mlp = layer.mlp.fc2(self.activation(layer.mlp.fc1(layer.layernorm_after(hidden_states))))
+        hidden_states = hidden_states + drop_path(mlp, rate, self.training)
+        return hidden_states, probabilities
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        attention_layers: str = "none",
+        output_hidden_states: bool = False,
+        output_intermediate: int = 0,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        """Run the blocks.
+
+        Args:
+            pixel_values: `(B, C, H, W)`.
+            attention_layers: "none", "last" or "all": whose attention probabilities to compute.
+            output_hidden_states: keep the embeddings and every block's output.
+            output_intermediate: keep the final-norm output of the last n blocks.
+
+        Returns:
+            `(sequence_output (B, 1+N, D) after the final norm, hidden_states, attentions, intermediate)`.
+        """
+        hidden_states = self.embed(pixel_values)
+        all_hidden_states: list[torch.Tensor] = [hidden_states] if output_hidden_states else []
+        attentions: list[torch.Tensor] = []
+        intermediate: list[torch.Tensor] = []
+        depth = len(self.layers)
+        for index in range(depth):
+            wants_probabilities = attention_layers == "all" or (
+                attention_layers == "last" and index == depth - 1
+            )
+            if self.gradient_checkpointing and self.training and not wants_probabilities:
+                hidden_states, probabilities = checkpoint(
+                    self.block, index, hidden_states, False, use_reentrant=False
+                )
+            else:
+                hidden_states, probabilities = self.block(index, hidden_states, wants_probabilities)
+            if probabilities is not None:
+                attentions.append(probabilities)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            if index >= depth - output_intermediate:
+                intermediate.append(self.layernorm(hidden_states))
+        return self.layernorm(hidden_states), tuple(all_hidden_states), tuple(attentions), intermediate
+
+
+class WeightNormalizedLinear(nn.Module):
+    """A bias-free linear layer with weight normalisation, `weight = g * v / ||v||` per output row.
+
+    Parameters keep the names of the official checkpoints (`weight_g` `(out, 1)`, `weight_v` `(out, in)`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, freeze_norm: bool) -> None:
+        super().__init__()
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not freeze_norm)
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default, as in the original
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs, torch._weight_norm(self.weight_v, self.weight_g, 0))
+
+
+class DinoHead(nn.Module):
+    """The DINO projection head (paper §3.1): MLP -> L2 normalisation -> weight-normalised linear layer.
+
+    Args:
+        config: `hidden_dim`, `bottleneck_dim`, `out_dim`, `head_layers`, `use_bn_in_head`, `norm_last_layer`.
+    """
+
+    def __init__(self, config: DinoConfig) -> None:
+        super().__init__()
+        in_dim = config.embed_dim
+        if config.head_layers == 1:
+            self.mlp = nn.Linear(in_dim, config.bottleneck_dim)
+        else:
+            layers: list[nn.Module] = []
+            widths = [in_dim] + [config.hidden_dim] * (config.head_layers - 1)
+            for width_in, width_out in zip(widths[:-1], widths[1:]):
+                layers.append(nn.Linear(width_in, width_out))
+                if config.use_bn_in_head:
+                    layers.append(nn.BatchNorm1d(width_out))
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(config.hidden_dim, config.bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        self.last_layer = WeightNormalizedLinear(
+            config.bottleneck_dim, config.out_dim, config.norm_last_layer
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`(B, embed_dim)` features -> `(B, out_dim)` logits."""
+        bottleneck = F.normalize(self.mlp(features), dim=-1, p=2)
+        return self.last_layer(bottleneck)
+
+
+class DinoPreTrainedModel(PreTrainedModel):
+    config_class = DinoConfig
+    config: DinoConfig
+    base_model_prefix = "dino"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTEmbeddings", "ViTLayer", "ResNetBottleNeckLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The original's init: truncated normal (std 0.02) linear weights, zero biases, unit norms; the patch
+        # convolution and the last layer keep PyTorch's default init.
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, nn.BatchNorm1d):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+        elif isinstance(module, ViTEmbeddings):
+            init.trunc_normal_(module.position_embeddings, std=0.02)
+            init.trunc_normal_(module.cls_token, std=0.02)
+        elif isinstance(module, WeightNormalizedLinear):
+            init.ones_(module.weight_g)
+            init.kaiming_uniform_(module.weight_v, a=math.sqrt(5))
+
+
+class DinoModel(DinoPreTrainedModel):
+    """A DINO network: backbone (`model.backbone`) + projection head (`model.head`).
+
+    `model(pixel_values)` returns the backbone's outputs ([`DinoModelOutput`]); `model.head(features)` or
+    `model.forward_with_head(pixel_values)` gives the `(B, out_dim)` logits used by the DINO loss.
+    """
+
+    def __init__(self, config: DinoConfig) -> None:
+        super().__init__(config)
+        if config.is_vit:
+            self.backbone = DinoVisionTransformer(config)
+        else:
+            self.backbone = ResNetModel(config.backbone_config)
+        self.head = DinoHead(config)
+        self.post_init()
+
+    # -- input checks -----------------------------------------------------------------------------------
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, channels, height, width), got {tuple(pixel_values.shape)}"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor (normalised images), got {pixel_values.dtype}; "
+                "convert with .float() and normalise (e.g. ImageNet mean/std) first"
+            )
+        channels = self.config.backbone_config.num_channels
+        if pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"the model expects {channels} channels, got pixel_values with {pixel_values.shape[1]}"
+            )
+        minimum = self.config.patch_size if self.config.is_vit else 1
+        if min(pixel_values.shape[-2:]) < minimum:
+            raise ValueError(
+                f"images of {tuple(pixel_values.shape[-2:])} pixels are smaller than one {minimum}-pixel patch"
+            )
+        weight_dtype = self.head.last_layer.weight_v.dtype
+        return pixel_values.to(weight_dtype) if pixel_values.dtype != weight_dtype else pixel_values
+
+    def _require_vit(self, what: str) -> None:
+        if not self.config.is_vit:
+            raise ValueError(f"{what} needs a ViT backbone; this model has a ResNet")
+
+    # -- forward passes ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DinoModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, height, width)`):
+                Normalised images; any height and width of at least one patch (positional embeddings are
+                interpolated as in the original DINO).
+            output_attentions (`bool`, *optional*): return attention probabilities (see `DinoModelOutput`).
+            output_hidden_states (`bool`, *optional*): return the embeddings and every block's output.
+
+        Returns:
+            [`DinoModelOutput`]: `pooler_output` `(batch, embed_dim)` holds the features.
+        """
+        output_attentions = bool(
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        pixel_values = self._check_pixel_values(pixel_values)
+        if self.config.is_vit:
+            attention_layers = "none"
+            if output_attentions:
+                attention_layers = "all" if self.config._attn_implementation == "eager" else "last"
+            sequence, hidden_states, attentions, _ = self.backbone(
+                pixel_values, attention_layers=attention_layers, output_hidden_states=output_hidden_states
+            )
+            output = DinoModelOutput(
+                last_hidden_state=sequence,
+                pooler_output=sequence[:, 0],
+                hidden_states=hidden_states if output_hidden_states else None,
+                attentions=attentions if output_attentions else None,
+            )
+        else:
+            if output_attentions:
+                raise ValueError("a ResNet backbone has no attention maps; use a ViT for output_attentions")
+            resnet = self.backbone(pixel_values, output_hidden_states=output_hidden_states)
+            output = DinoModelOutput(
+                last_hidden_state=resnet.last_hidden_state,
+                pooler_output=resnet.pooler_output.flatten(1),
+                hidden_states=resnet.hidden_states if output_hidden_states else None,
+            )
+        return output if return_dict else output.to_tuple()
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The features alone, `(B, C, H, W)` -> `(B, embed_dim)`."""
+        pixel_values = self._check_pixel_values(pixel_values)
+        if self.config.is_vit:
+            return self.backbone(pixel_values)[0][:, 0]
+        return self.backbone(pixel_values).pooler_output.flatten(1)
+
+    def forward_with_head(self, pixel_values: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Head logits for one batch or for a list of crops (the multi-crop forward used in training).
+
+        Consecutive crops of the same resolution share one backbone pass; the head runs once on all of them
+        (so a batch-norm head sees every crop, as in the original).
+
+        Args:
+            pixel_values: `(B, C, H, W)`, or a list of such tensors (crops may differ in size).
+
+        Returns:
+            `(B * len(list), out_dim)`, crops in list order.
+        """
+        crops = [pixel_values] if isinstance(pixel_values, torch.Tensor) else list(pixel_values)
+        if not crops:
+            raise ValueError("forward_with_head needs at least one crop")
+        features: list[torch.Tensor] = []
+        start = 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            group = crops[start] if end == start + 1 else torch.cat(crops[start:end])
+            features.append(self.forward_features(group))
+            start = end
+        return self.head(torch.cat(features) if len(features) > 1 else features[0])
+
+    def last_self_attention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Last block's attention probabilities `(B, heads, 1 + N, 1 + N)`; only that block runs eager attention."""
+        self._require_vit("last_self_attention")
+        pixel_values = self._check_pixel_values(pixel_values)
+        return self.backbone(pixel_values, attention_layers="last")[2][-1]
+
+    def get_intermediate_layers(self, pixel_values: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Tokens of the last `n` blocks, each with the final norm applied: n tensors `(B, 1 + N, D)`."""
+        self._require_vit("get_intermediate_layers")
+        if not 1 <= n <= len(self.backbone.layers):
+            raise ValueError(f"n must be between 1 and {len(self.backbone.layers)}, got {n}")
+        pixel_values = self._check_pixel_values(pixel_values)
+        return self.backbone(pixel_values, output_intermediate=n)[3]
+
+    def patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """Number of patches `(rows, columns)` for images of this size."""
+        self._require_vit("patch_grid")
+        return pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[
+            -1
+        ] // self.config.patch_size
+
+
+__all__ = ["DinoHead", "DinoModel", "DinoModelOutput", "DinoPreTrainedModel", "DinoVisionTransformer"]
