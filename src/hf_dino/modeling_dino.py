@@ -200,11 +200,16 @@ class WeightNormalizedLinear(nn.Module):
     """A bias-free linear layer with weight normalisation, `weight = g * v / ||v||` per output row.
 
     Parameters keep the names of the official checkpoints (`weight_g` `(out, 1)`, `weight_v` `(out, in)`).
+    With `freeze_norm` (the config's `norm_last_layer`), `weight_g` is a buffer fixed at 1: it is saved and loaded
+    under the same name but never trained, however the model was loaded.
     """
 
     def __init__(self, in_features: int, out_features: int, freeze_norm: bool) -> None:
         super().__init__()
-        self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not freeze_norm)
+        if freeze_norm:
+            self.register_buffer("weight_g", torch.ones(out_features, 1))
+        else:
+            self.weight_g = nn.Parameter(torch.ones(out_features, 1))
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default, as in the original
 
