@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the performance issue in one call of about 5-6 minutes on one H100 / H200.
+#
+#   OUT=/some/folder bash scripts/gpu_checks.sh          # from the repository root
+#
+# Writes at most 8 small files under $OUT (default: benchmarks/gpu): gpu_checks.log and one JSON per step:
+#   check.json                  fast path and hf_dino's loop against the baseline on the same batch (fp32, bf16)
+#   step_vit_small_10.json      ViT-S/16, 2x224 + 10x96, batch 64: baseline, loop, fast and one-lever ablations
+#   step_vit_small_8.json       ViT-S/16, 2x224 + 8x96 (the official default)
+#   step_vit_tiny_10.json       ViT-Ti/16, 2x224 + 10x96
+#   step_vit_tiny_8.json        ViT-Ti/16, 2x224 + 8x96
+#   data.json                   data pipeline per core (PIL baseline vs hf_dino) and end to end with 8 workers
+#   step_vit_small_10_compile.json   baseline, fast and fast + torch.compile (last: compilation time varies)
+# Each measurement runs in its own `timeout`, and the benchmarks rewrite their JSON as results come in, so a
+# failure or a timeout in one keeps the others and the partial figures of its own.
+#
+# Needs: python3 with torch (CUDA), transformers, accelerate, pillow, numpy, scikit-image; no network, no
+# `datasets` (nothing on this path imports it), hf_dino from ./src (not installed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/gpu}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1
+LOG="$OUT/gpu_checks.log"
+PYTHON="${PYTHON:-python3}"
+BUDGET_SECONDS="${BUDGET_SECONDS:-345}"  # the whole script; the compile run gets what is left
+START=$(date +%s)
+
+log() { echo "[gpu_checks $(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# run NAME SECONDS COMMAND...: one measurement in its own time limit; its status goes to the log.
+run() {
+    local name="$1" limit="$2"
+    shift 2
+    local left=$(( BUDGET_SECONDS - ($(date +%s) - START) ))
+    if (( left < 20 )); then
+        log "SKIP $name: the script's budget is spent"
+        return
+    fi
+    (( limit > left )) && limit=$left
+    log "START $name (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local status=$?
+    if (( status == 124 || status == 137 )); then
+        log "TIMEOUT $name after ${limit}s (partial results kept in its JSON)"
+    elif (( status != 0 )); then
+        log "FAILED $name (exit $status)"
+    else
+        log "DONE $name"
+    fi
+}
+
+: >"$LOG"
+log "environment"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv 2>&1
+    "$PYTHON" -c "import torch, transformers, accelerate, PIL, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'pillow', PIL.__version__, 'numpy', numpy.__version__)" 2>&1
+    "$PYTHON" -c "import hf_dino, hf_dino.training, hf_dino.data; print('hf_dino', hf_dino.__version__, 'imports without datasets:', 'datasets' not in __import__('sys').modules)" 2>&1
+    nproc
+} >>"$LOG"
+
+DEVICE="${DEVICE:-cuda}"
+# SMOKE=1 shrinks every measurement to a tiny ViT (a dry run of this script on a CPU: DEVICE=cpu SMOKE=1).
+TINY=""
+DATA_TINY=""
+if [[ "${SMOKE:-0}" == 1 ]]; then
+    TINY="--override image_size=32 --override patch_size=8 --override hidden_size=64 --override num_hidden_layers=2
+          --override num_attention_heads=2 --override intermediate_size=128 --override hidden_dim=96
+          --override bottleneck_dim=32 --out-dim 256 --global-size 32 --local-size 16 --batch-size 2 --warmup 1
+          --steps 1 --rounds 2"
+    DATA_TINY="--images 12 --seconds 0.3 --global-size 32 --local-size 16 --batch-size 2 --warmup 1 --steps 2
+               --workers 2 --loader-batches 2 --override image_size=32 --override patch_size=8
+               --override hidden_size=64 --override num_hidden_layers=2 --override num_attention_heads=2
+               --override intermediate_size=128 --override hidden_dim=96 --override bottleneck_dim=32
+               --override out_dim=256"
+fi
+STEP="$PYTHON scripts/benchmark_step.py --device $DEVICE"
+run check 90 $STEP --check --check-full --check-precision fp32,bf16 --model vit_small_patch16 \
+    --local-crops 2 --batch-size 8 $TINY --json "$OUT/check.json"
+run step_vit_small_10 150 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 --steps 5 \
+    --rounds 3 --variants baseline,trainer,fast,fast-no-sdpa,fast-no-fused-loss,fast-no-foreach,fast-no-fused-adamw,fast-no-bf16 \
+    $TINY --json "$OUT/step_vit_small_10.json"
+run step_vit_small_8 60 $STEP --model vit_small_patch16 --local-crops 8 --batch-size 64 --warmup 3 --steps 5 \
+    --rounds 3 --variants baseline,trainer,fast $TINY --json "$OUT/step_vit_small_8.json"
+run step_vit_tiny_10 60 $STEP --model vit_tiny_patch16 --local-crops 10 --batch-size 64 --warmup 3 --steps 5 \
+    --rounds 3 --variants baseline,trainer,fast $TINY --json "$OUT/step_vit_tiny_10.json"
+run step_vit_tiny_8 60 $STEP --model vit_tiny_patch16 --local-crops 8 --batch-size 64 --warmup 3 --steps 5 \
+    --rounds 3 --variants baseline,trainer,fast $TINY --json "$OUT/step_vit_tiny_8.json"
+run data 100 "$PYTHON" scripts/benchmark_data.py --device $DEVICE --seconds 2 --end-to-end --workers 8 \
+    --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 4 --steps 20 $DATA_TINY --json "$OUT/data.json"
+run step_vit_small_10_compile 240 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 \
+    --steps 5 --rounds 3 --variants baseline,fast,fast-compile $TINY --json "$OUT/step_vit_small_10_compile.json"
+
+log "summary"
+"$PYTHON" - "$OUT" >>"$LOG" 2>&1 <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+for path in sorted(out.glob("step_*.json")):
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        print(path.name, "unreadable:", error)
+        continue
+    print(f"== {path.name}: {results['settings']['model']} {results['settings']['crops']}, batch {results['settings']['batch_size']}")
+    flops = results.get("flops", {})
+    if flops:
+        print(f"   FLOPs/image-step analytic {flops['analytic_per_image_step']/1e9:.1f} G, counter/analytic {flops['counter_over_analytic']:.4f}")
+    for name, entry in results["variants"].items():
+        if "images_per_second" not in entry:
+            print(f"   {name:<20} {entry.get('error', 'no timing')[:100]}")
+            continue
+        memory = entry.get("memory", {})
+        print(
+            f"   {name:<20} {entry['images_per_second']:8.1f} img/s  x{entry.get('speedup_paired', float('nan')):.2f} paired"
+            f"  MFU {100 * entry.get('mfu_vs_measured_matmul', float('nan')):5.1f}%"
+            f"  peak {memory.get('peak_bytes', float('nan')) / 2**30:6.2f} GiB"
+            f" ({memory.get('peak_over_baseline', float('nan')):.2f} x base)"
+            f"  syncs {entry.get('syncs', {}).get('per_step', '?')}"
+            f"  graphs {entry.get('compiled_graphs', 0)} recompiles {entry.get('recompiles_after_warmup', 0)}"
+        )
+for name in ("check.json", "data.json"):
+    path = out / name
+    if path.exists():
+        print(f"== {name}")
+        text = path.read_text()
+        print(text[:3000])
+EOF
+log "finished"
+tail -n 60 "$LOG"
