@@ -81,7 +81,7 @@ class DinoVisionTransformer(nn.Module):
         self.activation = ACT2FN[vit_config.hidden_act]
         # Official schedule: drop-path rate rising linearly with depth, 0 for the first block.
         depth = vit_config.num_hidden_layers
-        self.drop_path_rates = [rate.item() for rate in torch.linspace(0, config.drop_path_rate, depth)]
+        self.drop_path_rates = [config.drop_path_rate * index / max(depth - 1, 1) for index in range(depth)]
         self.gradient_checkpointing = False
 
     def interpolate_position_embeddings(self, height_patches: int, width_patches: int) -> torch.Tensor:
