@@ -257,16 +257,20 @@ def image_to_pixel_values(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """Normalise an RGB image into the model input.
+    """Normalise an image into the model input.
 
     Args:
-        image: an RGB PIL image of size (W, H).
-        mean, std: per-channel normalisation (ImageNet, as in DINO's training).
+        image: a PIL image of size (W, H).
+        mean, std: per-channel normalisation (ImageNet, as in DINO's training); one value each for a
+            grayscale model, whose input is the image's luminance.
 
     Returns:
-        pixel_values: float tensor (1, 3, H, W).
+        pixel_values: float tensor (1, C, H, W) with C = len(mean) (3, or 1 for grayscale models).
     """
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    grayscale = len(mean) == 1
+    array = np.asarray(image.convert("L" if grayscale else "RGB"), dtype=np.float32) / 255.0
+    if grayscale:
+        array = array[..., None]
     array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
@@ -785,7 +789,7 @@ class AttentionModel:
         kind: "dino" (hf_dino DinoModel, installed or remote code) or "vit" (stock transformers ViTModel).
         patch_size: pixels per patch side.
         num_heads: attention heads of the last block.
-        image_mean, image_std: input normalisation (ImageNet).
+        image_mean, image_std: input normalisation (ImageNet; 0.5/0.5 for grayscale models).
     """
 
     def __init__(
@@ -796,8 +800,14 @@ class AttentionModel:
         self.name = name
         self.patch_size = patch_size
         self.num_heads = num_heads
-        self.image_mean = IMAGENET_MEAN
-        self.image_std = IMAGENET_STD
+        config = getattr(model.config, "backbone_config", model.config)
+        channels = getattr(config, "num_channels", 3)
+        if channels == 3:
+            self.image_mean, self.image_std = IMAGENET_MEAN, IMAGENET_STD
+        elif channels == 1:  # grayscale models (e.g. hf_dino's Fashion-MNIST demo) train with mean/std 0.5
+            self.image_mean, self.image_std = (0.5,), (0.5,)
+        else:
+            raise ValueError(f"{name or 'this model'} takes {channels}-channel images; only 1 or 3 can be shown")
         self._attention_module, self._projection_layout, norm = _find_last_attention(model)
         # Captured inputs are kept per thread: a Space serves concurrent requests with the same model.
         self._captured = threading.local()

@@ -369,12 +369,15 @@ def convert_transformers_vit(
 # --------------------------------------------------------------------------------------------------------
 def image_processor_for(config: DinoConfig) -> BitImageProcessor:
     """The evaluation preprocessing of the paper: bicubic resize of the short side to 256, centre crop 224,
-    ImageNet mean/std (scaled to the model's input size when it is not 224)."""
+    ImageNet mean/std (scaled to the model's input size when it is not 224; mean/std 0.5 for non-RGB models)."""
     if config.is_vit:
         size = config.backbone_config.image_size
         crop = size if isinstance(size, int) else size[0]
     else:
         crop = 224
+    channels = config.backbone_config.num_channels
+    # hf_dino trains grayscale and other non-RGB inputs with mean/std 0.5 per channel.
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,) * channels, (0.5,) * channels)
     return BitImageProcessor(
         do_resize=True,
         size={"shortest_edge": round(crop * 256 / 224)},
@@ -382,9 +385,9 @@ def image_processor_for(config: DinoConfig) -> BitImageProcessor:
         do_center_crop=True,
         crop_size={"height": crop, "width": crop},
         do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-        do_convert_rgb=config.backbone_config.num_channels == 3,
+        image_mean=list(mean),
+        image_std=list(std),
+        do_convert_rgb=channels == 3,
     )
 
 
