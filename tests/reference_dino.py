@@ -81,9 +81,9 @@ class ReferenceViT(nn.Module):
         self.blocks = nn.ModuleList([ReferenceBlock(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def positions(self, rows: int, cols: int) -> torch.Tensor:
+    def positions(self, rows: int, cols: int, square: bool) -> torch.Tensor:
         n = self.pos_embed.shape[1] - 1
-        if rows * cols == n and rows == cols:
+        if rows * cols == n and square:
             return self.pos_embed
         side = math.sqrt(n)
         grid = self.pos_embed[:, 1:].reshape(1, int(side), int(side), -1).permute(0, 3, 1, 2)
@@ -94,7 +94,9 @@ class ReferenceViT(nn.Module):
     def forward_all(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = images.shape[2] // self.patch, images.shape[3] // self.patch
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.positions(rows, cols)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.positions(
+            rows, cols, images.shape[2] == images.shape[3]
+        )
         attention = None
         for block in self.blocks:
             x, attention = block(x)

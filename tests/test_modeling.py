@@ -152,7 +152,7 @@ def test_default_attention_equals_eager(tmp_path: Path, model: DinoModel) -> Non
         torch.testing.assert_close(model.last_self_attention(images), default.attentions[-1])
 
 
-@pytest.mark.parametrize("size", [(224, 224), (96, 96), (64, 160), (120, 72)])
+@pytest.mark.parametrize("size", [(224, 224), (96, 96), (64, 160), (120, 72), (224, 230)])
 def test_interpolation_matches_reference(size) -> None:
     """Positional interpolation as the original: bicubic with scale_factor and +0.1 (at 96 px, non-square)."""
     torch.manual_seed(0)

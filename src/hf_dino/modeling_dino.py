@@ -84,15 +84,23 @@ class DinoVisionTransformer(nn.Module):
         self.drop_path_rates = [config.drop_path_rate * index / max(depth - 1, 1) for index in range(depth)]
         self.gradient_checkpointing = False
 
-    def interpolate_position_embeddings(self, height_patches: int, width_patches: int) -> torch.Tensor:
+    def interpolate_position_embeddings(
+        self, height_patches: int, width_patches: int, square_image: bool = True
+    ) -> torch.Tensor:
         """Positional embeddings for a `height_patches x width_patches` grid, as the original DINO resizes them.
+
+        Args:
+            height_patches, width_patches: the patch grid of the input.
+            square_image: whether the input image is square in pixels. The original keeps its embeddings
+                as they are only for a square image with the trained number of patches; any other image goes
+                through the interpolation, even when its patch grid is the trained one.
 
         Returns:
             `(1, 1 + height_patches * width_patches, hidden_size)`.
         """
         position_embeddings = self.embeddings.position_embeddings
         num_positions = position_embeddings.shape[1] - 1
-        if height_patches * width_patches == num_positions and height_patches == width_patches:
+        if height_patches * width_patches == num_positions and square_image:
             return position_embeddings
         side = int(math.sqrt(num_positions))
         dim = position_embeddings.shape[-1]
@@ -115,7 +123,9 @@ class DinoVisionTransformer(nn.Module):
         patches = patches.flatten(2).transpose(1, 2)
         cls_token = self.embeddings.cls_token.expand(patches.shape[0], -1, -1)
         tokens = torch.cat((cls_token, patches), dim=1)
-        return tokens + self.interpolate_position_embeddings(height_patches, width_patches).to(tokens.dtype)
+        square_image = pixel_values.shape[-2] == pixel_values.shape[-1]
+        positions = self.interpolate_position_embeddings(height_patches, width_patches, square_image)
+        return tokens + positions.to(tokens.dtype)
 
     def attention(
         self, layer: ViTLayer, hidden_states: torch.Tensor, return_probabilities: bool
