@@ -807,7 +807,9 @@ class AttentionModel:
         elif channels == 1:  # grayscale models (e.g. hf_dino's Fashion-MNIST demo) train with mean/std 0.5
             self.image_mean, self.image_std = (0.5,), (0.5,)
         else:
-            raise ValueError(f"{name or 'this model'} takes {channels}-channel images; only 1 or 3 can be shown")
+            raise ValueError(
+                f"{name or 'this model'} takes {channels}-channel images; only 1 or 3 can be shown"
+            )
         self._attention_module, self._projection_layout, norm = _find_last_attention(model)
         # Captured inputs are kept per thread: a Space serves concurrent requests with the same model.
         self._captured = threading.local()
