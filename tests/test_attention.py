@@ -473,3 +473,33 @@ def test_visualize_cli_writes_the_paper_figures(dino_model_dir: Path, tmp_path: 
     assert code == 0
     with pytest.raises(SystemExit):
         cli_main(["visualize", "--output-dir", str(output), str(good)])  # --model is required
+
+
+def test_grayscale_model_gets_luminance_and_its_own_normalisation(tmp_path) -> None:
+    """A 1-channel model (the Fashion-MNIST demo) is shown colour photos through their luminance, mean/std 0.5."""
+    from hf_dino import DinoConfig, DinoModel
+    from hf_dino.attention import analyze_image, image_to_pixel_values, load_attention_model
+
+    config = DinoConfig.from_preset(
+        "vit_tiny_patch16",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=4,
+        num_channels=1,
+        out_dim=16,
+        hidden_dim=16,
+        bottleneck_dim=8,
+    )
+    DinoModel(config).save_pretrained(tmp_path / "gray")
+    model = load_attention_model(tmp_path / "gray")
+    assert model.image_mean == (0.5,) and model.image_std == (0.5,)
+    photo = Image.fromarray(np.full((40, 40, 3), (255, 0, 0), dtype=np.uint8))
+    pixels = image_to_pixel_values(photo, model.image_mean, model.image_std)
+    luminance = np.asarray(photo.convert("L"), dtype=np.float32)[0, 0] / 255.0
+    assert pixels.shape == (1, 1, 40, 40)
+    assert pixels[0, 0, 0, 0].item() == pytest.approx((luminance - 0.5) / 0.5)
+    analysis = analyze_image(model, photo, resolution=32, with_pca=False)
+    assert analysis.mean_map.shape == (8, 8)
