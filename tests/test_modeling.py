@@ -44,6 +44,7 @@ def test_presets_and_unknown_preset() -> None:
     assert small.backbone_config.layer_norm_eps == 1e-6 and small.out_dim == 65536
     assert DinoConfig.from_preset("vit_base_patch16").embed_dim == 768
     assert DinoConfig.from_preset("resnet50").embed_dim == 2048
+    assert DinoConfig.from_preset("resnet18").embed_dim == 512
     with pytest.raises(ValueError, match="vit_small_patch16"):
         DinoConfig.from_preset("vit_huge_patch14")
     with pytest.raises(ValueError, match="not_a_field"):
@@ -257,6 +258,15 @@ def test_head_variants() -> None:
         model = DinoModel(config).eval()
         assert model.head(torch.randn(3, 32)).shape == (3, 64)
         assert "head.last_layer.weight_g" in dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_presets_match_torchvision_sizes(name: str) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    reference = getattr(torchvision.models, name)(weights=None)
+    expected = sum(p.numel() for n, p in reference.named_parameters() if not n.startswith("fc."))
+    backbone = DinoModel(DinoConfig.from_preset(name, out_dim=16)).backbone
+    assert sum(p.numel() for p in backbone.parameters()) == expected
 
 
 def test_resnet_backbone() -> None:

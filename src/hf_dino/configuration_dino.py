@@ -51,6 +51,15 @@ _RESNET50: dict[str, Any] = {
     "downsample_in_bottleneck": False,
 }
 
+# torchvision's ResNet-18: basic blocks. Not in the paper; a cheap convolutional backbone for small images
+# and small budgets (the fashion_mnist preset).
+_RESNET18: dict[str, Any] = {
+    **_RESNET50,
+    "hidden_sizes": [64, 128, 256, 512],
+    "depths": [2, 2, 2, 2],
+    "layer_type": "basic",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     **{
         f"vit_{size}_patch{patch}": {"backbone": "vit", **_VIT_COMMON, **dims, "patch_size": patch}
@@ -58,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         for patch in (16, 8)
     },
     "resnet50": {"backbone": "resnet", **_RESNET50},
+    "resnet18": {"backbone": "resnet", **_RESNET18},
 }
 
 # DinoConfig fields (everything else given to `from_preset` goes to the backbone config).

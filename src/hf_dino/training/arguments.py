@@ -26,7 +26,7 @@ PRESETS_DIRECTORY = Path(__file__).resolve().parent.parent / "presets"
 
 # Short architecture names as in the original `--arch` (timm-style names with the patch size separate) and
 # the DinoConfig presets they map to; any `DinoConfig.preset_names()` entry is accepted as well.
-ARCHITECTURES = ("vit_tiny", "vit_small", "vit_base", "resnet50")
+ARCHITECTURES = ("vit_tiny", "vit_small", "vit_base", "resnet50", "resnet18")
 
 
 def _option(help_text: str, **argparse_kwargs: Any) -> dict[str, Any]:
@@ -47,7 +47,7 @@ class DinoTrainingArguments:
     arch: str = field(
         default="vit_small",
         metadata=_option(
-            "Backbone: vit_tiny, vit_small, vit_base (with --patch-size), resnet50, or any DinoConfig preset "
+            "Backbone: vit_tiny, vit_small, vit_base (with --patch-size), resnet50, resnet18, or any DinoConfig preset "
             "name such as vit_small_patch8. ViT-S/16 is the paper's workhorse; resnet50 wants the SGD/LARS "
             "recipe (see the resnet50 preset)."
         ),

@@ -116,7 +116,7 @@ def build_model_config(arguments: DinoTrainingArguments, *, drop_path_rate: floa
         drop_path_rate=arguments.drop_path_rate if drop_path_rate is None else drop_path_rate,
     )
     overrides.update(arguments.model_config)
-    if preset == "resnet50":
+    if DinoConfig.from_preset(preset).backbone_config.model_type == "resnet":
         overrides.pop("patch_size", None)
     return DinoConfig.from_preset(preset, **overrides)
 
@@ -550,14 +550,15 @@ class DinoTrainer:
         knn_results: dict[str, Any] | None = None
         has_evaluation = self.evaluation_data is not None or bool(arguments.eval_dataset)
         baselines = self.evaluate_baselines() if has_evaluation and arguments.eval_baselines else {}
-        start_time = self._start_time = time.time()
+        self._start_time = time.time()
+        self._evaluation_seconds = 0.0  # online k-NN pauses, not counted as training time
         batches = self._batches(self.step)
         save_every = arguments.save_steps or self.steps_per_epoch
         finished = self.step >= self.total_steps
         try:
             while not finished:
                 record = self._training_step(batches)
-                record["elapsed_seconds"] = self.elapsed_before_resume + time.time() - start_time
+                record["elapsed_seconds"] = self._elapsed()
                 record["timestamp"] = time.time()
                 progress.update(self.total_batch_size)
                 self.step += 1
@@ -565,10 +566,12 @@ class DinoTrainer:
                 if self.step % arguments.logging_steps == 0 or finished:
                     self._log(recorder, progress)
                 if arguments.eval_steps and self.step % arguments.eval_steps == 0 and not finished:
+                    paused = time.time()
                     knn_results = self.evaluate()
+                    self._evaluation_seconds += time.time() - paused
                 if self.step % save_every == 0 or finished:
                     self._log(recorder, progress)  # no checkpoint from a run whose loss became NaN
-                    self.save_checkpoint(elapsed=self.elapsed_before_resume + time.time() - start_time)
+                    self.save_checkpoint(elapsed=self._elapsed())
         except NonFiniteLossError as error:
             progress.close()
             logger.error(str(error))
@@ -596,8 +599,13 @@ class DinoTrainer:
         }
 
     def _elapsed(self) -> float:
-        """Training seconds so far, including those before a resume."""
-        return self.elapsed_before_resume + max(0.0, time.time() - getattr(self, "_start_time", time.time()))
+        """Training seconds so far, including those before a resume, excluding online k-NN evaluations."""
+        running = (
+            time.time()
+            - getattr(self, "_start_time", time.time())
+            - getattr(self, "_evaluation_seconds", 0.0)
+        )
+        return self.elapsed_before_resume + max(0.0, running)
 
     def _out_of_time(self) -> bool:
         """`--max-time-minutes` reached? Checked at logging steps, agreed on by every process."""
