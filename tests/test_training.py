@@ -28,7 +28,7 @@ from hf_dino.training.optimization import (
     parameter_groups,
     update_teacher,
 )
-from hf_dino.training.trainer import DinoTrainer
+from hf_dino.training.trainer import DinoTrainer, build_model_config
 
 TINY_MODEL = {
     "image_size": 8,
@@ -187,6 +187,10 @@ def test_every_preset_parses():
     for name in preset_names():
         arguments = DinoTrainingArguments(**load_preset(name))
         assert arguments.epochs >= 1
+        config = build_model_config(arguments)  # the architecture the preset names can be built
+        assert config.out_dim == arguments.out_dim
+    fashion = build_model_config(DinoTrainingArguments(**load_preset("fashion_mnist")))
+    assert fashion.backbone_config.model_type == "resnet" and fashion.backbone_config.num_channels == 1
     released = DinoTrainingArguments(**load_preset("vit_small_released"))
     assert (released.epochs, released.lr, released.min_lr, released.local_crops_number) == (
         800,
@@ -202,7 +206,6 @@ def test_every_preset_parses():
 
 def test_no_weight_decay_on_biases_and_one_dimensional_parameters():
     from hf_dino.modeling_dino import DinoModel
-    from hf_dino.training.trainer import build_model_config
 
     model = DinoModel(build_model_config(tiny_arguments(Path("unused"))))
     decay, no_decay = parameter_groups(model)
