@@ -92,7 +92,7 @@ class MultiCropNetwork(nn.Module):
 
 def build_model_config(arguments: DinoTrainingArguments, *, drop_path_rate: float | None = None) -> Any:
     """The `DinoConfig` of the recipe's architecture (`--arch`, `--patch-size`, head options, overrides)."""
-    from hf_dino.configuration_dino import DinoConfig
+    from hf_dino.configuration_dino import PRESETS, DinoConfig
 
     arch = arguments.arch
     if arch in ARCHITECTURES and arch.startswith("vit_"):
@@ -116,7 +116,7 @@ def build_model_config(arguments: DinoTrainingArguments, *, drop_path_rate: floa
         drop_path_rate=arguments.drop_path_rate if drop_path_rate is None else drop_path_rate,
     )
     overrides.update(arguments.model_config)
-    if DinoConfig.from_preset(preset).backbone_config.model_type == "resnet":
+    if PRESETS[preset]["backbone"] == "resnet":
         overrides.pop("patch_size", None)
     return DinoConfig.from_preset(preset, **overrides)
 
