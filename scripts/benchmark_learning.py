@@ -156,17 +156,25 @@ def run_recipe(
                     "top1": record["knn"]["top1"],
                 }
             )
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    step_seconds = [
+        [record["step"], record["elapsed_seconds"]]
+        for record in records
+        if "loss" in record and record.get("elapsed_seconds") is not None
+    ]
     last = summary["last_metrics"] or {}
     return {
         "overrides": overrides,
         "steps": summary["step"],
         "total_batch_size": trainer.total_batch_size,
+        "steps_per_epoch": trainer.steps_per_epoch,
         "train_seconds": summary["train_seconds"],
         "wall_seconds": wall,
         "knn_top1": summary["knn"]["top1"] if summary["knn"] else None,
         "random_init_top1": summary["knn_baselines"].get("random-init", {}).get("top1"),
         "raw_pixels_top1": summary["knn_baselines"].get("raw-pixels", {}).get("top1"),
         "knn_curve": knn_curve,
+        "elapsed_by_log": step_seconds,
         "final": {
             key: last.get(key)
             for key in (
@@ -179,6 +187,34 @@ def run_recipe(
             )
         },
     }
+
+
+def fitted_epochs(
+    common: dict[str, Any], preset: str, data: dict[str, Any], minutes: float
+) -> tuple[int, int]:
+    """Epochs that fill `minutes` of training, from the step time of a short probe of the same recipe.
+
+    Returns (epochs, steps per epoch)."""
+    probe_dir = Path(tempfile.mkdtemp(prefix="hf_dino_probe_"))
+    probe = run_recipe(
+        {**common, "max_time_minutes": min(0.5, minutes / 6), "eval_steps": None, "eval_baselines": False},
+        preset=preset,
+        data=data,
+        output_dir=probe_dir,
+    )
+    # Steps per second over the last three quarters (skipping compilation, worker start-up, cuDNN tuning).
+    logged = probe["elapsed_by_log"]
+    if len(logged) < 4:
+        raise RuntimeError(f"the probe logged only {len(logged)} steps; give it more time")
+    (first_step, first_time), (last_step, last_time) = logged[len(logged) // 4], logged[-1]
+    seconds_per_step = (last_time - first_time) / max(1, last_step - first_step)
+    epochs = max(1, int(0.97 * 60 * minutes / seconds_per_step / probe["steps_per_epoch"]))
+    print(
+        f"probe: {probe['steps']} steps, {seconds_per_step * 1000:.1f} ms/step, "
+        f"{probe['total_batch_size'] / seconds_per_step:.0f} images/s -> {epochs} epochs in {minutes} min",
+        flush=True,
+    )
+    return epochs, probe["steps_per_epoch"]
 
 
 def environment() -> dict[str, Any]:
@@ -230,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         "--time-budget-minutes", type=float, default=None, help="fashion-mnist: stop training after this"
     )
     parser.add_argument(
+        "--fit-epochs",
+        action="store_true",
+        help="fashion-mnist: size the epochs (and so the cosine schedules) to --time-budget-minutes from the "
+        "step time of a short probe run of the same recipe, so that the run ends its schedule, not cut off",
+    )
+    parser.add_argument(
         "--variants", type=Path, default=None, help="sweep: YAML/JSON list of option overrides"
     )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
@@ -261,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"fashion_mnist": {}}
         if options.time_budget_minutes is not None:
             common["max_time_minutes"] = options.time_budget_minutes
+            if options.fit_epochs:
+                common["epochs"], steps_per_epoch = fitted_epochs(
+                    common, preset, data, options.time_budget_minutes
+                )
+                # About eight points on the k-NN curve, unless the command line says otherwise.
+                common.setdefault("eval_steps", max(1, common["epochs"] * steps_per_epoch // 8))
     elif options.mode == "ablations":
         variants = {name: {**overrides, "seed": options.seeds[0]} for name, overrides in ABLATIONS.items()}
     else:
@@ -289,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 data=data,
                 output_dir=work_dir / name.replace(" ", "_"),
             )
+            results["runs"][name].pop("elapsed_by_log", None)
         except Exception as error:  # keep the other runs (a collapsing ablation may stop on a NaN)
             results["runs"][name] = {"overrides": overrides, "error": f"{type(error).__name__}: {error}"}
         print(json.dumps(results["runs"][name]), flush=True)

@@ -11,6 +11,10 @@
 #   step_vit_tiny_8.json        ViT-Ti/16, 2x224 + 8x96
 #   data.json                   data pipeline per core (PIL baseline vs hf_dino) and end to end with 8 workers
 #   step_vit_small_10_compile.json   baseline, fast and fast + torch.compile (last: compilation time varies)
+# With LEARNING_MINUTES=N (and FASHION_MNIST_DIR holding the Fashion-MNIST idx files), after those, on its own
+# time limit: the pretraining issue's full Fashion-MNIST run on the GPU, N minutes of training with the
+# schedules fitted to N minutes by a short probe, k-NN against training time:
+#   learning_fashion_mnist.json (+ its metrics.jsonl copied beside it as learning_metrics.jsonl)
 # Each measurement runs in its own `timeout`, and the benchmarks rewrite their JSON as results come in, so a
 # failure or a timeout in one keeps the others and the partial figures of its own.
 #
@@ -93,6 +97,23 @@ run data 100 "$PYTHON" scripts/benchmark_data.py --device $DEVICE --seconds 2 --
     --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 4 --steps 20 $DATA_TINY --json "$OUT/data.json"
 run step_vit_small_10_compile 240 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 \
     --steps 5 --rounds 3 --variants baseline,fast,fast-compile $TINY --json "$OUT/step_vit_small_10_compile.json"
+
+LEARNING_MINUTES="${LEARNING_MINUTES:-0}"
+if [[ "$LEARNING_MINUTES" != 0 ]]; then
+    # The fashion_mnist preset on a GPU: bf16, 12 data workers, and crops of 56 / 32 px (the 28-px images
+    # upscaled, so that the ResNet stem's 4x downsampling leaves a 14x14 map instead of 7x7).
+    WORK="${TMPDIR:-/tmp}/hf_dino_learning_gpu"
+    rm -rf "$WORK"
+    LIMIT=$(awk "BEGIN { print int($LEARNING_MINUTES * 60 + 115) }")
+    log "START learning_fashion_mnist (limit ${LIMIT}s)"
+    timeout --kill-after=10 "$LIMIT" "$PYTHON" scripts/benchmark_learning.py fashion-mnist \
+        --data-dir "${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}" \
+        --time-budget-minutes "$LEARNING_MINUTES" --fit-epochs --work-dir "$WORK" \
+        --set num_workers="${LEARNING_WORKERS:-12}" mixed_precision=bf16 global_crop_size=56 local_crop_size=32 \
+        ${LEARNING_SET:-} --output "$OUT/learning_fashion_mnist.json" >>"$LOG" 2>&1
+    log "learning_fashion_mnist exit $?"
+    cp "$WORK/fashion_mnist/metrics.jsonl" "$OUT/learning_metrics.jsonl" 2>/dev/null
+fi
 
 log "summary"
 "$PYTHON" - "$OUT" >>"$LOG" 2>&1 <<'EOF'
