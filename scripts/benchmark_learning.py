@@ -197,7 +197,7 @@ def fitted_epochs(
     Returns (epochs, steps per epoch)."""
     probe_dir = Path(tempfile.mkdtemp(prefix="hf_dino_probe_"))
     probe = run_recipe(
-        {**common, "max_time_minutes": min(0.5, minutes / 6), "eval_steps": None, "eval_baselines": False},
+        {**common, "max_time_minutes": min(2.0, minutes / 6), "eval_steps": None, "eval_baselines": False},
         preset=preset,
         data=data,
         output_dir=probe_dir,

@@ -14,6 +14,7 @@ Variants:
   baseline            scripts/dino_baseline.py: the original's step (eager attention, fp16 + GradScaler on CUDA,
                       22 log-softmaxes, per-tensor clipping with host syncs, Python-loop EMA, for-loop AdamW).
   trainer             hf_dino's own loop step (`DinoTrainer._training_step`, accelerate, bf16 on CUDA).
+  trainer-compile     the same with `--torch-compile MODE` (the --compile-mode of this script).
   fast                the same step built from hf_dino's public pieces (DinoModel.forward_with_head with SDPA,
                       DinoLoss, foreach clipping and EMA, fused AdamW, on-device metrics; bf16 on CUDA).
   fast-compile        fast + torch.compile of the forward passes and the loss.
@@ -332,6 +333,9 @@ class FastTrainer:
         self.freeze_last_layer = freeze_last_layer
         self.pending: list[torch.Tensor] = []
         self.forward_and_loss = self._forward_and_loss
+        self.uses_cuda_graphs = (
+            options.compile and options.compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        )
         if options.compile:
             self.forward_and_loss = torch.compile(
                 self._forward_and_loss, dynamic=False, mode=options.compile_mode
@@ -368,7 +372,14 @@ class FastTrainer:
     def step(self, crops: Sequence[torch.Tensor], schedule: StepSchedule) -> torch.Tensor:
         """One optimizer step; nothing is read back to the host (see `flush`)."""
         apply_schedule(self.optimizer, lr=schedule.lr, weight_decay=schedule.weight_decay)
-        loss, teacher_output = self.forward_and_loss(list(crops), schedule.teacher_temp)
+        if self.uses_cuda_graphs:
+            # CUDA graphs: a new step begins, and the outputs are copied out of the graph's static memory,
+            # which the next replay overwrites (the buffered statistics and the center read them later).
+            torch.compiler.cudagraph_mark_step_begin()
+            loss, teacher_output = self.forward_and_loss(list(crops), schedule.teacher_temp)
+            loss, teacher_output = loss.clone(), teacher_output.clone()
+        else:
+            loss, teacher_output = self.forward_and_loss(list(crops), schedule.teacher_temp)
         loss.backward()
         if self.clip_grad:
             if self.options.foreach:
@@ -448,6 +459,7 @@ class LoopTrainer:
         precision: str,
         clip_grad: float = 3.0,
         drop_path_rate: float = STUDENT_DROP_PATH,
+        torch_compile: str | None = None,
     ) -> None:
         from hf_dino.training import DinoTrainer, DinoTrainingArguments
         from hf_dino.training.data_pipeline import PrecomputedCrops
@@ -464,6 +476,7 @@ class LoopTrainer:
             drop_path_rate=drop_path_rate,
             model_config=model_config,
             mixed_precision={"bf16": "bf16", "fp32": "no"}[precision],
+            torch_compile=torch_compile,
             clip_grad=clip_grad,
             batch_size=batch_size,
             freeze_last_layer=0,
@@ -491,6 +504,7 @@ class LoopTrainer:
         self.trainer.unwrapped_teacher.model.load_state_dict(source.state_dict())
         self.schedule = StepSchedule()
         self.trainer.schedules = _FixedSchedules(self)
+        self.uses_cuda_graphs = self.trainer._cuda_graphs
 
     def step(self, crops: Sequence[torch.Tensor], schedule: StepSchedule) -> torch.Tensor:
         self.schedule = schedule
@@ -606,7 +620,7 @@ def _detached(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # Variants
 # ---------------------------------------------------------------------------------------------------------------
 def variant_names(device: torch.device) -> list[str]:
-    names = ["baseline", "trainer", "fast", "fast-compile", "fast-bf16"]
+    names = ["baseline", "trainer", "trainer-compile", "fast", "fast-compile", "fast-bf16"]
     names += [f"fast-no-{lever}" for lever in ("sdpa", "fused-loss", "foreach", "fused-adamw", "bf16")]
     return names
 
@@ -652,11 +666,12 @@ def build_variant(
         return BaselineRunner(
             source, num_crops=len(crop_sizes), use_fp16=use_fp16, drop_path_rate=drop_path_rate
         )
-    if name == "trainer":
+    if name in ("trainer", "trainer-compile"):
         precision = "bf16" if device.type == "cuda" else "fp32"
         return LoopTrainer(
             source, preset=preset, overrides=overrides, crop_sizes=crop_sizes, batch_size=batch_size,
             precision=precision, drop_path_rate=drop_path_rate,
+            torch_compile=compile_mode if name == "trainer-compile" else None,
         )  # fmt: skip
     return FastTrainer(source, fast_options(name, device, compile_mode), drop_path_rate=drop_path_rate)
 
@@ -854,7 +869,11 @@ def run_benchmark(arguments: argparse.Namespace) -> dict[str, Any]:
             entry["syncs"] = count_syncs(runner, batches[0], schedule_for(next(step_counter)), device)
         except Exception as error:
             entry["syncs"] = {"error": f"{type(error).__name__}: {error}"}
-        if device.type == "cuda":
+        if getattr(runner, "uses_cuda_graphs", False):
+            # The CUDA graphs' memory pool is allocated while they are recorded (warm-up), not during the
+            # measured step: the step's peak would leave out the activations. Not comparable; not reported.
+            entry["memory"] = {"not_measured": "CUDA graphs allocate their memory pool while recording"}
+        elif device.type == "cuda":
             try:
                 entry["memory"] = peak_memory(runner, batches[0], schedule_for(next(step_counter)), device)
             except Exception as error:

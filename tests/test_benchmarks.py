@@ -299,7 +299,7 @@ def test_gpu_checks_dry_run_on_cpu(tmp_path):
     for path in tmp_path.glob("step_*.json"):
         variants = json.loads(path.read_text())["variants"]
         for name, entry in variants.items():
-            if name != "fast-compile":  # may run out of the dry run's time budget while compiling
+            if "compile" not in name:  # may run out of the dry run's time budget while compiling
                 assert "images_per_second" in entry, (path.name, name, entry.get("error"))
     check = json.loads((tmp_path / "check.json").read_text())
     assert check["fp32"]["fast"]["center"] < 1e-4

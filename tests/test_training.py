@@ -374,6 +374,40 @@ def test_gradient_accumulation_equals_one_full_batch(tmp_path):
     assert not torch.allclose(full.loss_fn.center, torch.zeros_like(full.loss_fn.center))
 
 
+def test_compiled_step_matches_the_eager_step(tmp_path):
+    # --torch-compile: the same per-step losses, center and teacher as the uncompiled loop, and a teacher
+    # temperature warm-up that changes the value every epoch without recompiling (it enters as a tensor).
+    import torch._dynamo
+
+    common = dict(epochs=3, warmup_teacher_temp_epochs=3, warmup_teacher_temp=0.02, teacher_temp=0.06)
+    eager = run(tiny_arguments(tmp_path / "eager", **common))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = run(tiny_arguments(tmp_path / "compiled", torch_compile="default", **common))
+    temperatures = {record["teacher_temp"] for record in read_metrics(tmp_path / "compiled")}
+    assert len(temperatures) == 3  # three epochs, three values
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] == 1, dict(frames)  # one compilation: no recompiles as the temperature moves
+    losses_eager = [record["loss"] for record in read_metrics(tmp_path / "eager")]
+    losses_compiled = [record["loss"] for record in read_metrics(tmp_path / "compiled")]
+    np.testing.assert_allclose(losses_compiled, losses_eager, rtol=1e-4)
+    torch.testing.assert_close(compiled.loss_fn.center, eager.loss_fn.center, rtol=1e-4, atol=1e-6)
+    for (name, a), (_, b) in zip(
+        eager.unwrapped_teacher.model.state_dict().items(),
+        compiled.unwrapped_teacher.model.state_dict().items(),
+    ):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_torch_compile_options_are_checked():
+    with pytest.raises(ValueError, match="--torch-compile must be one of"):
+        DinoTrainingArguments(torch_compile="fastest")
+    with pytest.raises(ValueError, match="cannot accumulate gradients"):
+        DinoTrainingArguments(torch_compile="reduce-overhead", gradient_accumulation_steps=2)
+    assert parse_arguments(["--torch-compile", "reduce-overhead"]).torch_compile == "reduce-overhead"
+
+
 def test_checkpoints_layout_rotation_and_final_teacher(tmp_path):
     trainer = run(tiny_arguments(tmp_path, epochs=2, save_steps=3, save_total_limit=2))
     directory = tmp_path / "checkpoints"

@@ -121,24 +121,30 @@ class DinoLoss(nn.Module):
         self.update_center(teacher_output)
         return loss
 
-    def teacher_probabilities(self, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    def teacher_probabilities(
+        self, teacher_output: torch.Tensor, teacher_temp: float | torch.Tensor
+    ) -> torch.Tensor:
         """The centred, sharpened teacher distribution `softmax((t - c) / tau_t)` in float32, no gradient.
 
         Args:
             teacher_output: `(rows, out_dim)` teacher head outputs.
-            teacher_temp: tau_t.
+            teacher_temp: tau_t, a number or a 0-d tensor (a tensor is not checked: that would read it back).
 
         Returns:
             `(rows, out_dim)` float32 probabilities.
         """
-        if teacher_temp <= 0:
+        if not isinstance(teacher_temp, torch.Tensor) and teacher_temp <= 0:
             raise ValueError(f"teacher_temp must be positive, got {teacher_temp}")
         with torch.no_grad(), _float32_region(teacher_output.device):
             centred = teacher_output.detach().float() - self.center.to(teacher_output.device)
             return F.softmax(centred / teacher_temp, dim=-1)
 
     def compute(
-        self, *, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float
+        self,
+        *,
+        student_output: torch.Tensor,
+        teacher_output: torch.Tensor,
+        teacher_temp: float | torch.Tensor,
     ) -> torch.Tensor:
         """The loss without touching the center (for gradient accumulation and evaluation).
 

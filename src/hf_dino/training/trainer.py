@@ -281,6 +281,19 @@ class DinoTrainer:
             self.unwrapped_student, self.unwrapped_teacher
         )
         self.trainable_parameters = [p for p in self.unwrapped_student.parameters() if p.requires_grad]
+        # ---- the forward passes and the loss, compiled on request (--torch-compile)
+        self._forward_and_loss = self._eager_forward_and_loss
+        self._cuda_graphs = False
+        if arguments.torch_compile:
+            if self.is_fsdp:
+                raise ValueError("--torch-compile is not supported under FSDP; leave it out")
+            self._forward_and_loss = torch.compile(
+                self._eager_forward_and_loss, mode=arguments.torch_compile, dynamic=False
+            )
+            self._cuda_graphs = arguments.torch_compile == "reduce-overhead" and self.device.type == "cuda"
+            # The teacher temperature enters as a device tensor, so that its warm-up neither recompiles nor
+            # copies from the host (a fill kernel updates it).
+            self._teacher_temp_tensor = torch.zeros((), dtype=torch.float32, device=self.device)
         # The checkpoint keeps the weights in student/ and teacher/ (save_pretrained): accelerate's
         # training_state/ needs only optimizer, scaler and RNG states.
         if not self.is_fsdp:
@@ -649,14 +662,15 @@ class DinoTrainer:
             synchronisation = contextlib.nullcontext() if last else accelerator.no_sync(self.student)
             with synchronisation:
                 with accelerator.autocast():
-                    with torch.no_grad():
-                        teacher_output = self.teacher(crops[:2])  # the teacher sees only the global crops
-                    student_output = self.student(crops)
-                    loss = self.loss_fn.compute(
-                        student_output=student_output,
-                        teacher_output=teacher_output,
-                        teacher_temp=teacher_temp,
-                    )
+                    if arguments.torch_compile:
+                        self._teacher_temp_tensor.fill_(teacher_temp)
+                        if self._cuda_graphs:
+                            torch.compiler.cudagraph_mark_step_begin()
+                        loss, teacher_output = self._forward_and_loss(crops, self._teacher_temp_tensor)
+                        if self._cuda_graphs:  # out of the graphs' memory, which the next replay overwrites
+                            loss, teacher_output = loss.clone(), teacher_output.clone()
+                    else:
+                        loss, teacher_output = self._eager_forward_and_loss(crops, teacher_temp)
                 accelerator.backward(loss)  # divided by the accumulation steps inside
             teacher_outputs.append(teacher_output.detach())
             total_loss += loss.detach()
@@ -692,6 +706,18 @@ class DinoTrainer:
         }
         self.recorder.record(record, device_values)
         return record
+
+    def _eager_forward_and_loss(
+        self, crops: list[torch.Tensor], teacher_temp: float | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher on the global crops, student on all crops, and the DINO loss: (loss, teacher output)."""
+        with torch.no_grad():
+            teacher_output = self.teacher(crops[:2])  # the teacher sees only the global crops
+        student_output = self.student(crops)
+        loss = self.loss_fn.compute(
+            student_output=student_output, teacher_output=teacher_output, teacher_temp=teacher_temp
+        )
+        return loss, teacher_output
 
     def _log(self, recorder: MetricsRecorder, progress: Any) -> None:
         records = recorder.flush()  # raises NonFiniteLossError on a NaN loss
