@@ -174,7 +174,7 @@ def run_recipe(
         "random_init_top1": summary["knn_baselines"].get("random-init", {}).get("top1"),
         "raw_pixels_top1": summary["knn_baselines"].get("raw-pixels", {}).get("top1"),
         "knn_curve": knn_curve,
-        "elapsed_by_log": step_seconds,
+        "elapsed_by_step": step_seconds,
         "final": {
             key: last.get(key)
             for key in (
@@ -203,7 +203,7 @@ def fitted_epochs(
         output_dir=probe_dir,
     )
     # Steps per second over the last three quarters (skipping compilation, worker start-up, cuDNN tuning).
-    logged = probe["elapsed_by_log"]
+    logged = probe["elapsed_by_step"]
     if len(logged) < 4:
         raise RuntimeError(f"the probe logged only {len(logged)} steps; give it more time")
     (first_step, first_time), (last_step, last_time) = logged[len(logged) // 4], logged[-1]
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 data=data,
                 output_dir=work_dir / name.replace(" ", "_"),
             )
-            results["runs"][name].pop("elapsed_by_log", None)
+            results["runs"][name].pop("elapsed_by_step", None)
         except Exception as error:  # keep the other runs (a collapsing ablation may stop on a NaN)
             results["runs"][name] = {"overrides": overrides, "error": f"{type(error).__name__}: {error}"}
         print(json.dumps(results["runs"][name]), flush=True)

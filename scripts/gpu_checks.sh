@@ -16,6 +16,8 @@
 # time limit: the pretraining issue's full Fashion-MNIST run on the GPU, N minutes of training with the
 # schedules fitted to N minutes by a short probe, k-NN against training time:
 #   learning_fashion_mnist.json (+ its metrics.jsonl copied beside it as learning_metrics.jsonl)
+# That makes 10 files: on the device tool (8 files back at most), write to a folder outside $OUT and tar it
+# into $OUT, e.g. OUT=/tmp/gpu LEARNING_MINUTES=10 bash scripts/gpu_checks.sh; tar czf $OUT/gpu.tgz -C /tmp gpu
 # Each measurement runs in its own `timeout`, and the benchmarks rewrite their JSON as results come in, so a
 # failure or a timeout in one keeps the others and the partial figures of its own.
 #
@@ -104,8 +106,7 @@ run step_vit_small_10_compile 240 $STEP --model vit_small_patch16 --local-crops 
 
 LEARNING_MINUTES="${LEARNING_MINUTES:-0}"
 if [[ "$LEARNING_MINUTES" != 0 ]]; then
-    # The fashion_mnist preset on a GPU: bf16, 12 data workers, and crops of 56 / 32 px (the 28-px images
-    # upscaled, so that the ResNet stem's 4x downsampling leaves a 14x14 map instead of 7x7).
+    # The fashion_mnist preset on a GPU: bf16 and 12 data workers.
     WORK="${TMPDIR:-/tmp}/hf_dino_learning_gpu"
     rm -rf "$WORK"
     LIMIT=$(awk "BEGIN { print int($LEARNING_MINUTES * 60 + 115) }")
@@ -113,7 +114,7 @@ if [[ "$LEARNING_MINUTES" != 0 ]]; then
     timeout --kill-after=10 "$LIMIT" "$PYTHON" scripts/benchmark_learning.py fashion-mnist \
         --data-dir "${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}" \
         --time-budget-minutes "$LEARNING_MINUTES" --fit-epochs --work-dir "$WORK" \
-        --set num_workers="${LEARNING_WORKERS:-12}" mixed_precision=bf16 global_crop_size=56 local_crop_size=32 \
+        --set num_workers="${LEARNING_WORKERS:-12}" mixed_precision=bf16 \
         ${LEARNING_SET:-} --output "$OUT/learning_fashion_mnist.json" >>"$LOG" 2>&1
     log "learning_fashion_mnist exit $?"
     cp "$WORK/fashion_mnist/metrics.jsonl" "$OUT/learning_metrics.jsonl" 2>/dev/null

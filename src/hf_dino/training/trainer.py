@@ -662,15 +662,14 @@ class DinoTrainer:
             synchronisation = contextlib.nullcontext() if last else accelerator.no_sync(self.student)
             with synchronisation:
                 with accelerator.autocast():
+                    temperature: float | torch.Tensor = teacher_temp
                     if arguments.torch_compile:
-                        self._teacher_temp_tensor.fill_(teacher_temp)
-                        if self._cuda_graphs:
-                            torch.compiler.cudagraph_mark_step_begin()
-                        loss, teacher_output = self._forward_and_loss(crops, self._teacher_temp_tensor)
-                        if self._cuda_graphs:  # out of the graphs' memory, which the next replay overwrites
-                            loss, teacher_output = loss.clone(), teacher_output.clone()
-                    else:
-                        loss, teacher_output = self._eager_forward_and_loss(crops, teacher_temp)
+                        temperature = self._teacher_temp_tensor.fill_(teacher_temp)
+                    if self._cuda_graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    loss, teacher_output = self._forward_and_loss(crops, temperature)
+                    if self._cuda_graphs:  # out of the graphs' memory, which the next replay overwrites
+                        loss, teacher_output = loss.clone(), teacher_output.clone()
                 accelerator.backward(loss)  # divided by the accumulation steps inside
             teacher_outputs.append(teacher_output.detach())
             total_loss += loss.detach()
