@@ -19,6 +19,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import benchmark_data  # noqa: E402
+import benchmark_learning  # noqa: E402
 import benchmark_step  # noqa: E402
 import dino_baseline  # noqa: E402
 
@@ -275,6 +276,26 @@ def test_benchmark_data_end_to_end_on_cpu(tmp_path):
         assert end[key] > 0, end
     assert end["loader_only_pil_baseline"]["images_per_second"] > 0
     assert end["loader_only_hf_dino_geometric"]["images_per_second"] > 0
+
+
+def test_fitted_epochs_fill_the_budget_from_the_probe_step_time(monkeypatch):
+    # A probe logging 100 ms per step after a slow start (the first quarter is skipped): 10 minutes at 97% are
+    # 5,820 steps, 24 epochs of 234 steps (5,616 steps); the probe runs a sixth of the budget, 2 minutes at most.
+    calls = []
+
+    def probe(overrides, *, preset, data, output_dir):
+        calls.append(overrides)
+        times = [[step, 5.0 + 0.1 * step] for step in range(1, 41)]
+        times[0][1] = 4.0  # compilation / start-up
+        return {"elapsed_by_step": times, "steps": 40, "steps_per_epoch": 234, "total_batch_size": 256}
+
+    monkeypatch.setattr(benchmark_learning, "run_recipe", probe)
+    epochs, steps_per_epoch = benchmark_learning.fitted_epochs({"lr": 0.1}, "fashion_mnist", {}, 10.0)
+    assert (epochs, steps_per_epoch) == (24, 234)
+    assert calls[0]["max_time_minutes"] == pytest.approx(10.0 / 6) and calls[0]["lr"] == 0.1
+    assert calls[0]["eval_steps"] is None and calls[0]["eval_baselines"] is False
+    benchmark_learning.fitted_epochs({}, "fashion_mnist", {}, 60.0)
+    assert calls[1]["max_time_minutes"] == 2.0
 
 
 def test_gpu_checks_script_is_valid_bash():
