@@ -373,13 +373,12 @@ class FastTrainer:
         """One optimizer step; nothing is read back to the host (see `flush`)."""
         apply_schedule(self.optimizer, lr=schedule.lr, weight_decay=schedule.weight_decay)
         if self.uses_cuda_graphs:
-            # CUDA graphs: a new step begins, and the outputs are copied out of the graph's static memory,
-            # which the next replay overwrites (the buffered statistics and the center read them later).
-            torch.compiler.cudagraph_mark_step_begin()
-            loss, teacher_output = self.forward_and_loss(list(crops), schedule.teacher_temp)
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step begins
+        loss, teacher_output = self.forward_and_loss(list(crops), schedule.teacher_temp)
+        if self.uses_cuda_graphs:
+            # Out of the graphs' static memory, which the next replay overwrites (the buffered statistics and
+            # the center read them later).
             loss, teacher_output = loss.clone(), teacher_output.clone()
-        else:
-            loss, teacher_output = self.forward_and_loss(list(crops), schedule.teacher_temp)
         loss.backward()
         if self.clip_grad:
             if self.options.foreach:
