@@ -24,7 +24,9 @@ from hf_dino.training import (
 from hf_dino.training.arguments import load_preset
 from hf_dino.training.data_pipeline import PrecomputedCrops, StepBatchSampler
 from hf_dino.training.optimization import (
+    LARS,
     clip_gradients_per_parameter,
+    complete_optimizer_state,
     parameter_groups,
     update_teacher,
 )
@@ -238,6 +240,39 @@ def test_per_parameter_clipping_matches_the_original_loop():
         torch.testing.assert_close(parameter.grad, reference)
     assert parameters[1].grad.norm() < 3.0 and abs(parameters[0].grad.norm().item() - 3.0) < 1e-4
     assert len(norms) == 3
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda params: torch.optim.AdamW(params, lr=0.1, weight_decay=0.04),
+        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.04),
+        lambda params: LARS(params, lr=0.1, weight_decay=0.04),
+    ],
+    ids=["adamw", "sgd", "lars"],
+)
+def test_completed_optimizer_state_continues_like_no_state(make_optimizer):
+    """A parameter frozen for a while (no gradient, no state) then trained: completing its state in between,
+    as an FSDP checkpoint does, changes nothing."""
+    generator = torch.Generator().manual_seed(0)
+    initial = [torch.randn(4, 3, generator=generator), torch.randn(3, generator=generator)]
+    gradients = [[torch.randn(p.shape, generator=generator) for p in initial] for _ in range(4)]
+    runs = []
+    for complete in (False, True):
+        parameters = [torch.nn.Parameter(value.clone()) for value in initial]
+        optimizer = make_optimizer(parameters)
+        for step, step_gradients in enumerate(gradients):
+            frozen = step < 2  # the second tensor has no gradient for the first two steps
+            for parameter, gradient in zip(parameters, step_gradients):
+                parameter.grad = None if frozen and parameter is parameters[1] else gradient.clone()
+            optimizer.step()
+            if complete and step == 1:
+                assert complete_optimizer_state(optimizer) == 1
+                assert complete_optimizer_state(optimizer) == 0  # once every parameter has a state
+        runs.append([parameter.detach() for parameter in parameters])
+    for unchanged, completed in zip(*runs):
+        torch.testing.assert_close(completed, unchanged, rtol=0, atol=0)
+    assert not torch.equal(runs[1][1], initial[1])  # the frozen tensor was trained afterwards
 
 
 def test_teacher_update_is_the_momentum_average():

@@ -1,7 +1,7 @@
 """DinoModel: a ViT (or ResNet) backbone and the DINO projection head, as a transformers `PreTrainedModel`.
 
-The ViT reuses transformers' own modules (`ViTEmbeddings`, `ViTLayer`), so its weights carry transformers'
-names and export to a stock `ViTModel` unchanged. The forward pass is written here because DINO needs three
+The ViT reuses transformers' own modules (`ViTEmbeddings`; `ViTLayer`, subclassed as `DinoBlock`), so its weights
+carry transformers' names and export to a stock `ViTModel` unchanged. The forward pass is written here because DINO needs three
 things transformers' ViT does not do: stochastic depth, the original positional-embedding interpolation
 (bicubic with `scale_factor` and a +0.1 offset, dino#8) and the last layer's attention probabilities without
 running every layer in eager attention.
@@ -62,6 +62,61 @@ def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> 
     return hidden_states.div(keep_prob) * keep
 
 
+class DinoBlock(ViTLayer):
+    """One pre-norm transformer block: transformers' `ViTLayer` (same parameter names), DINO's forward.
+
+    The forward adds stochastic depth on both residual branches and materialises the attention probabilities
+    only when asked for. Being the block's own `forward`, it is what FSDP wraps and gathers as one unit.
+
+    Args:
+        config: the `ViTConfig`.
+        drop_path_rate: this block's stochastic-depth rate.
+    """
+
+    def __init__(self, config, drop_path_rate: float = 0.0) -> None:
+        super().__init__(config)
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.activation = ACT2FN[config.hidden_act]
+        self.drop_path_rate = drop_path_rate
+
+    def self_attention(
+        self, hidden_states: torch.Tensor, return_probabilities: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Multi-head self-attention; probabilities are only materialised when asked for."""
+        batch, tokens, width = hidden_states.shape
+        module = self.attention
+
+        def heads(projection: nn.Linear) -> torch.Tensor:
+            return (
+                projection(hidden_states).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            )
+
+        query, key, value = heads(module.q_proj), heads(module.k_proj), heads(module.v_proj)
+        probabilities = None
+        if return_probabilities:
+            scores = (query @ key.transpose(-2, -1)) * self.head_dim**-0.5
+            probabilities = scores.softmax(dim=-1)
+            context = probabilities @ value
+        else:
+            context = F.scaled_dot_product_attention(query, key, value)
+        context = context.transpose(1, 2).reshape(batch, tokens, width)
+        return module.o_proj(context), probabilities
+
+    def forward(  # type: ignore[override]
+        self, hidden_states: torch.Tensor, return_probabilities: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(B, T, D)` -> `((B, T, D), attention probabilities (B, heads, T, T) or None)`."""
+        rate = self.drop_path_rate
+        attended, probabilities = self.self_attention(
+            self.layernorm_before(hidden_states), return_probabilities
+        )
+        hidden_states = hidden_states + drop_path(attended, rate, self.training)
+        mlp = self.mlp.fc2(self.activation(self.mlp.fc1(self.layernorm_after(hidden_states))))
+        hidden_states = hidden_states + drop_path(mlp, rate, self.training)
+        return hidden_states, probabilities
+
+
 class DinoVisionTransformer(nn.Module):
     """The ViT backbone: transformers' ViT modules (same parameter names as `ViTModel`), DINO's forward.
 
@@ -72,16 +127,13 @@ class DinoVisionTransformer(nn.Module):
     def __init__(self, config: DinoConfig) -> None:
         super().__init__()
         vit_config = config.backbone_config
-        self.num_heads = vit_config.num_attention_heads
-        self.head_dim = vit_config.hidden_size // vit_config.num_attention_heads
         self.patch_size = config.patch_size
         self.embeddings = ViTEmbeddings(vit_config)
-        self.layers = nn.ModuleList([ViTLayer(vit_config) for _ in range(vit_config.num_hidden_layers)])
-        self.layernorm = nn.LayerNorm(vit_config.hidden_size, eps=vit_config.layer_norm_eps)
-        self.activation = ACT2FN[vit_config.hidden_act]
         # Official schedule: drop-path rate rising linearly with depth, 0 for the first block.
         depth = vit_config.num_hidden_layers
         self.drop_path_rates = [config.drop_path_rate * index / max(depth - 1, 1) for index in range(depth)]
+        self.layers = nn.ModuleList([DinoBlock(vit_config, rate) for rate in self.drop_path_rates])
+        self.layernorm = nn.LayerNorm(vit_config.hidden_size, eps=vit_config.layer_norm_eps)
         self.gradient_checkpointing = False
 
     def interpolate_position_embeddings(
@@ -127,43 +179,6 @@ class DinoVisionTransformer(nn.Module):
         positions = self.interpolate_position_embeddings(height_patches, width_patches, square_image)
         return tokens + positions.to(tokens.dtype)
 
-    def attention(
-        self, layer: ViTLayer, hidden_states: torch.Tensor, return_probabilities: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Multi-head self-attention of one block; probabilities are only materialised when asked for."""
-        batch, tokens, width = hidden_states.shape
-        module = layer.attention
-
-        def heads(projection: nn.Linear) -> torch.Tensor:
-            return (
-                projection(hidden_states).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-            )
-
-        query, key, value = heads(module.q_proj), heads(module.k_proj), heads(module.v_proj)
-        probabilities = None
-        if return_probabilities:
-            scores = (query @ key.transpose(-2, -1)) * self.head_dim**-0.5
-            probabilities = scores.softmax(dim=-1)
-            context = probabilities @ value
-        else:
-            context = F.scaled_dot_product_attention(query, key, value)
-        context = context.transpose(1, 2).reshape(batch, tokens, width)
-        return module.o_proj(context), probabilities
-
-    def block(
-        self, index: int, hidden_states: torch.Tensor, return_probabilities: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One pre-norm transformer block with stochastic depth on both residual branches."""
-        layer = self.layers[index]
-        rate = self.drop_path_rates[index]
-        attended, probabilities = self.attention(
-            layer, layer.layernorm_before(hidden_states), return_probabilities
-        )
-        hidden_states = hidden_states + drop_path(attended, rate, self.training)
-        mlp = layer.mlp.fc2(self.activation(layer.mlp.fc1(layer.layernorm_after(hidden_states))))
-        hidden_states = hidden_states + drop_path(mlp, rate, self.training)
-        return hidden_states, probabilities
-
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -193,10 +208,10 @@ class DinoVisionTransformer(nn.Module):
             )
             if self.gradient_checkpointing and self.training and not wants_probabilities:
                 hidden_states, probabilities = checkpoint(
-                    self.block, index, hidden_states, False, use_reentrant=False
+                    self.layers[index], hidden_states, False, use_reentrant=False
                 )
             else:
-                hidden_states, probabilities = self.block(index, hidden_states, wants_probabilities)
+                hidden_states, probabilities = self.layers[index](hidden_states, wants_probabilities)
             if probabilities is not None:
                 attentions.append(probabilities)
             if output_hidden_states:
@@ -266,7 +281,7 @@ class DinoPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["ViTEmbeddings", "ViTLayer", "ResNetBottleNeckLayer"]
+    _no_split_modules = ["DinoBlock", "ResNetBottleNeckLayer", "ResNetBasicLayer"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -302,8 +317,16 @@ class DinoModel(DinoPreTrainedModel):
         super().__init__(config)
         if config.is_vit:
             self.backbone = DinoVisionTransformer(config)
+            # Not ViTEmbeddings: the forward uses its parts without calling it, so an FSDP unit around it would
+            # never gather its parameters.
+            no_split = ["DinoBlock"]
         else:
             self.backbone = ResNetModel(config.backbone_config)
+            basic = config.backbone_config.layer_type == "basic"
+            no_split = ["ResNetBasicLayer" if basic else "ResNetBottleNeckLayer"]
+        # Only the blocks this network has: FSDP's transformer-based auto-wrap refuses a listed class that the
+        # model does not contain.
+        self._no_split_modules = no_split
         self.head = DinoHead(config)
         self.post_init()
 

@@ -263,7 +263,9 @@ class FeatureExtractor(nn.Module):
             )
         return [final_norm(hidden) for hidden in output.hidden_states[-self.n_last_blocks :]]
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the online k-NN runs on the teacher in training, whose FSDP gather buffers
+    # would become inference tensors that the next training step cannot write to.
+    @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Features `(B, D')` in float32 on the model's device (not normalised)."""
         if self.model is None:

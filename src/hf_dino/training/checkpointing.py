@@ -155,8 +155,8 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load the safetensors weights of a `save_pretrained` folder into an existing module (strictly)."""
+def read_model_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The safetensors weights of a `save_pretrained` folder (every shard, without the DINO center)."""
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     files = [path for path in files if path.name != CENTER_FILE]
@@ -165,6 +165,12 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
     state_dict: dict[str, torch.Tensor] = {}
     for path in files:
         state_dict.update(load_file(str(path)))
+    return state_dict
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load the safetensors weights of a `save_pretrained` folder into an existing module (strictly)."""
+    state_dict = read_model_weights(folder)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -118,6 +118,46 @@ def build_optimizer(name: str, groups: list[dict], *, fused: bool | None = None)
     raise ValueError(f"unknown optimizer {name!r}: choose adamw, sgd or lars")
 
 
+@torch.no_grad()
+def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
+    """Give each parameter that has no optimizer state yet the state its first step would start from.
+
+    The head's last layer has no gradient while it is frozen, so AdamW / SGD keep no state for it. A
+    distributed (FSDP) checkpoint loader builds its template with a state for every parameter and refuses a
+    checkpoint that lacks one. The states written here are the ones the first step would create (AdamW:
+    step 0 and zero moments; SGD and LARS: a zero momentum buffer, which gives `0 * momentum + g = g`
+    exactly), so the training continues as it would have without them.
+
+    Returns:
+        How many parameters were given a state.
+    """
+    completed = 0
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if optimizer.state.get(parameter):
+                continue
+            if isinstance(optimizer, torch.optim.AdamW):
+                on_device = group.get("fused") or group.get("capturable")
+                state = {
+                    "step": torch.zeros(
+                        (), dtype=torch.float32, device=parameter.device if on_device else "cpu"
+                    ),
+                    "exp_avg": torch.zeros_like(parameter, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(parameter, memory_format=torch.preserve_format),
+                }
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+            elif isinstance(optimizer, (torch.optim.SGD, LARS)):
+                if isinstance(optimizer, torch.optim.SGD) and not group.get("momentum"):
+                    continue  # plain SGD keeps no state
+                state = {"momentum_buffer": torch.zeros_like(parameter, memory_format=torch.preserve_format)}
+            else:
+                raise TypeError(f"no initial state known for {type(optimizer).__name__}")
+            optimizer.state[parameter] = state
+            completed += 1
+    return completed
+
+
 def apply_schedule(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float) -> None:
     """Set this step's learning rate on every group and its weight decay on the regularized groups."""
     for group in optimizer.param_groups:

@@ -64,6 +64,7 @@ from hf_dino.training.optimization import (
     build_optimizer,
     cancel_last_layer_gradients,
     clip_gradients_per_parameter,
+    complete_optimizer_state,
     matching_parameters,
     parameter_groups,
     update_teacher,
@@ -262,14 +263,27 @@ class DinoTrainer:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         optimizer = build_optimizer(arguments.optimizer, parameter_groups(student))
-        self.student, self.optimizer = accelerator.prepare(student, optimizer)
         from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+            raise ValueError(
+                "FSDP1 is not supported: set `fsdp_version: 2` under `fsdp_config` in the accelerate config "
+                "(FSDP1 keeps the root's gathered weights after a forward, so the teacher would miss its EMA "
+                "updates)"
+            )
+        self.student, self.optimizer = accelerator.prepare(student, optimizer)
 
         self.is_fsdp = accelerator.distributed_type == DistributedType.FSDP
         if self.is_fsdp:
-            self.teacher = accelerator.prepare_model(teacher)  # sharded like the student, for the EMA
-            if arguments.clip_grad and arguments.clip_grad_mode == "per-parameter":
-                logger.warning("under FSDP each tensor is sharded: per-parameter clipping uses shard norms")
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            # Sharded like the student, so that the EMA pairs local shards. accelerate's FSDP2 `prepare` wants
+            # an optimizer with every model; the teacher has none, so it is sharded by the same helper.
+            self.teacher = fsdp2_prepare_model(accelerator, teacher)
+            # FSDP2 keeps the root's gathered parameters after a forward (the backward would need them). The
+            # teacher has no backward: without resharding, its next forward would reuse the gathered copy and
+            # miss the EMA update, which writes to the shards.
+            self.teacher.set_reshard_after_forward(True)
         else:
             self.teacher = teacher.to(self.device)
         # The official teacher stays in train mode (batch-norm statistics); it has no dropout or drop path.
@@ -755,13 +769,27 @@ class DinoTrainer:
         if data is None:
             return None
         evaluated = self.unwrapped_teacher.model if model == "teacher" else model
-        results = knn_accuracy(
-            evaluated,
-            data,
-            k=self.arguments.knn_k,
-            temperature=self.arguments.knn_temperature,
-            mixed_precision=self.mixed_precision,
-        )
+        # Under FSDP the inner model's top-level weights (embeddings, final norm, head) belong to the root
+        # unit, whose hooks a call of the inner model skips: gather them for the evaluation (every process
+        # takes part; the blocks gather themselves).
+        gathered = self.is_fsdp and model == "teacher"
+        if gathered:
+            # FSDP2 settles which unit is the root at the root's first forward, and refuses one after a block
+            # has run alone; the evaluation before step 1 would be such a run, so settle it first (a no-op
+            # later).
+            self.teacher._get_fsdp_state()._lazy_init()
+            self.teacher.unshard()
+        try:
+            results = knn_accuracy(
+                evaluated,
+                data,
+                k=self.arguments.knn_k,
+                temperature=self.arguments.knn_temperature,
+                mixed_precision=self.mixed_precision,
+            )
+        finally:
+            if gathered:
+                self.teacher.reshard()
         if model == "teacher":
             self.teacher.train()  # feature extraction switched it to eval mode
         name = name or f"step-{self.step:08d}"
@@ -864,6 +892,8 @@ class DinoTrainer:
                 temporary / "teacher", state_dict=_strip_prefix(teacher_state), safe_serialization=True
             )
             checkpointing.save_center(self.loss_fn.center, temporary / checkpointing.CENTER_FILE)
+        if self.is_fsdp:  # the sharded optimizer checkpoint needs a state for the frozen last layer too
+            complete_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer))
         accelerator.save_state(str(temporary / "training_state"))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -891,7 +921,18 @@ class DinoTrainer:
     def _load_checkpoint(self, checkpoint: Path) -> None:
         """Restore weights, center, optimizer, scaler, RNG states and position from a checkpoint."""
         state = checkpointing.read_trainer_state(checkpoint)
-        if not self.is_fsdp:
+        if self.is_fsdp:
+            # accelerate's training_state/ restores the student (a prepared model); the teacher, sharded
+            # outside `prepare`, is restored from its full weights, each process keeping its own shards.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            full_state = checkpointing.read_model_weights(checkpoint / "teacher")
+            set_model_state_dict(
+                self.teacher,
+                {f"model.{key}": value.to(self.device) for key, value in full_state.items()},
+                options=StateDictOptions(full_state_dict=True, strict=True),
+            )
+        else:
             checkpointing.load_model_weights(self.unwrapped_student.model, checkpoint / "student")
             checkpointing.load_model_weights(self.unwrapped_teacher.model, checkpoint / "teacher")
         self.loss_fn.center.copy_(
