@@ -2,7 +2,7 @@
 
     python scripts/train.py --preset demo                                   # one process (CPU or one GPU)
     accelerate launch scripts/train.py --preset vit_small_vanilla --dataset DATASET --output-dir OUT
-    accelerate launch --config_file fsdp.yaml scripts/train.py --config my_recipe.yaml
+    accelerate launch --config_file scripts/accelerate_fsdp.yaml scripts/train.py --config my_recipe.yaml
 
 Same options as `hf-dino train` (see `python scripts/train.py --help`).
 """

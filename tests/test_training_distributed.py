@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo, started with torchrun) train exactly like one process on the combined batch.
+"""Two CPU processes (gloo, started with torchrun) train exactly like one process on the combined batch,
+whether they run on one node or as a 2-node job.
 
 Each process takes its half of every step's images (see `hf_dino.training.data_pipeline`); DDP averages the
 gradients and the DINO center is all-reduced, so after a few steps the center, the teacher and the student
@@ -7,7 +8,8 @@ must equal those of a single process whose batch is both halves together.
 The same holds under FSDP2, where student and teacher are sharded across the two processes: the EMA runs on
 local shards, per-parameter clipping needs whole-tensor norms, the online k-NN gathers the teacher, and a run
 resumed from a sharded checkpoint must continue exactly. accelerate turns FSDP on only for GPU-like backends,
-so the FSDP child switches it on over gloo (`_fsdp_over_gloo`); everything after that is the real code path.
+so the FSDP child, started by `accelerate launch` with the shipped `scripts/accelerate_fsdp.yaml`, switches it
+on over gloo (`_fsdp_over_gloo`); everything after that is the real code path.
 """
 
 from __future__ import annotations
@@ -62,11 +64,16 @@ def evaluation_data():
 
 
 def _fsdp_over_gloo() -> None:
-    """Make accelerate choose FSDP2 in a gloo (CPU) process group, as it would under NCCL."""
+    """Make accelerate choose FSDP2 in a gloo (CPU) process group, as it would under NCCL.
+
+    The plugin is read from the environment that `accelerate launch --config_file scripts/accelerate_fsdp.yaml`
+    sets, as accelerate does on GPUs."""
     import accelerate.state
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    assert os.environ.get("ACCELERATE_USE_FSDP") == "true", "start the FSDP child with accelerate launch"
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
     original_init = accelerate.state.AcceleratorState.__init__
 
     def init(self, *args, **kwargs):
@@ -103,26 +110,44 @@ def free_port() -> int:
         return handle.getsockname()[1]
 
 
-def launch_two_processes(*arguments: str) -> None:
-    command = [
+def launcher_command(port: int, *arguments: str, node_rank: int | None = None) -> list[str]:
+    """torchrun: 2 processes on one node, or (with `node_rank`) this node's 1 process of a 2-node job."""
+    nodes = ["--nproc_per_node", "2", "--nnodes", "1"]
+    if node_rank is not None:
+        nodes = ["--nproc_per_node", "1", "--nnodes", "2", "--node_rank", str(node_rank)]
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--nnodes",
-        "1",
+        *nodes,
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(free_port()),
+        str(port),
         str(HERE),
         *arguments,
     ]
+
+
+def launcher_environment() -> dict[str, str]:
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         environment.pop(name, None)
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    return environment
+
+
+FSDP_CONFIG = HERE.parent.parent / "scripts" / "accelerate_fsdp.yaml"
+
+
+def launch_two_processes(*arguments: str, accelerate_config: Path | None = None) -> None:
+    command = launcher_command(free_port(), *arguments)
+    if accelerate_config is not None:  # accelerate launch with the config file, 2 processes, full precision
+        command = [
+            *(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)),
+            *("--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port())),
+            *(str(HERE), *arguments),
+        ]
+    result = subprocess.run(command, env=launcher_environment(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
@@ -164,9 +189,31 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tmp_path):
     assert_run_equals(two_dir, one_process_run(tmp_path / "one_process"))
 
 
+def test_two_nodes_equal_one_process_on_the_combined_batch(tmp_path):
+    """Two launcher agents, one process each, meeting at the first node's address: a 2-node job (what
+    `accelerate launch --num_machines 2 --machine_rank R --main_process_ip ...` starts on GPU nodes), here
+    on one machine. Each node has a local rank 0; only the global rank 0 writes the shared output folder."""
+    run_dir = tmp_path / "two_nodes"
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            launcher_command(port, str(run_dir), "ddp", node_rank=rank),
+            env=launcher_environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        output, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, output[-5000:]
+    assert_run_equals(run_dir, one_process_run(tmp_path / "one_process"))
+
+
 def test_fsdp_two_processes_equal_one_process_and_resume_exactly(tmp_path):
     fsdp_dir = tmp_path / "fsdp"
-    launch_two_processes(str(fsdp_dir), "fsdp")
+    launch_two_processes(str(fsdp_dir), "fsdp", accelerate_config=FSDP_CONFIG)
     one = one_process_run(tmp_path / "one_process", **FSDP_OVERRIDES)
     assert_run_equals(fsdp_dir, one)
     # The clipping threshold bites: without it the same run ends elsewhere.
@@ -186,7 +233,8 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(tmp_path):
 
     # Resumed from the halfway checkpoint (sharded optimizer state, full teacher weights), in a new folder.
     resumed_dir = tmp_path / "fsdp_resumed"
-    launch_two_processes(str(resumed_dir), "fsdp", str(fsdp_dir / "checkpoints" / "step-00000004"))
+    halfway = fsdp_dir / "checkpoints" / "step-00000004"
+    launch_two_processes(str(resumed_dir), "fsdp", str(halfway), accelerate_config=FSDP_CONFIG)
     assert_run_equals(resumed_dir, one)
 
 
