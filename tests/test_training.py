@@ -409,6 +409,57 @@ def test_gradient_accumulation_equals_one_full_batch(tmp_path):
     assert not torch.allclose(full.loss_fn.center, torch.zeros_like(full.loss_fn.center))
 
 
+def fp16_with_loss_scaler(arguments: DinoTrainingArguments, scaler: torch.amp.GradScaler) -> DinoTrainer:
+    """A trainer in accelerate's fp16 state (float16 autocast, a GradScaler), as on a GPU.
+
+    accelerate sets that state up only on accelerators; torch's CPU autocast and CPU GradScaler follow the same
+    path (scale the loss, unscale before clipping, skip a step whose gradients are not finite)."""
+    assert arguments.mixed_precision == "fp16"
+    trainer = DinoTrainer(arguments, train_dataset=fixed_crops())
+    trainer.setup()
+    assert trainer.accelerator.mixed_precision == "fp16" and trainer.accelerator.scaler is None  # CPU
+    trainer.accelerator.native_amp = True  # autocast to float16
+    trainer.accelerator.scaler = scaler
+    # re-initialise accelerate's optimizer wrapper in place (the object accelerate keeps) with the scaler
+    trainer.optimizer.__init__(trainer.optimizer.optimizer, device_placement=False, scaler=scaler)
+    return trainer
+
+
+def test_fp16_loss_scaling_unscales_before_clipping_and_skips_overflowing_steps(tmp_path):
+    # The clipping threshold bites (0.05): clipping the scaled gradients would give another run. Scale 2: in this
+    # tiny head the bottleneck bias gradient nears the float16 limit already at scale 16.
+    common = dict(epochs=1, warmup_epochs=0, optimizer="sgd", lr=0.5, clip_grad=0.05, mixed_precision="fp16")
+    runs = {}
+    for name, scale in (("unit_scale", 1.0), ("scaled", 2.0)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
+        runs[name] = fp16_with_loss_scaler(tiny_arguments(tmp_path / name, **common), scaler)
+        runs[name].train()
+        assert scaler.get_scale() == scale  # no step overflowed
+    # Unscaled before clipping, the loss scale leaves the training as it was (up to float16 underflow at
+    # scale 1).
+    losses = [[record["loss"] for record in read_metrics(tmp_path / name)] for name in runs]
+    assert len(losses[0]) == 4 and len(set(losses[0])) == 4
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-3)
+    student = runs["scaled"].unwrapped_student.model.state_dict()
+    for name, value in runs["unit_scale"].unwrapped_student.model.state_dict().items():
+        torch.testing.assert_close(student[name], value, rtol=2e-3, atol=1e-4, msg=name)
+
+    # A scale that overflows: the optimizer step is skipped (the student keeps its weights) and the scale
+    # backs off, while the center still moves, as in the original.
+    overflow = fp16_with_loss_scaler(
+        tiny_arguments(tmp_path / "overflow", batch_size=32, **common),  # one step
+        torch.amp.GradScaler("cpu", init_scale=2.0**60, backoff_factor=2.0**-40),
+    )
+    initial = {name: value.clone() for name, value in overflow.unwrapped_student.model.state_dict().items()}
+    overflow.train()
+    assert overflow.step == 1 and overflow.optimizer.step_was_skipped
+    assert overflow.accelerator.scaler.get_scale() == 2.0**20
+    for name, value in overflow.unwrapped_student.model.state_dict().items():
+        torch.testing.assert_close(value, initial[name], rtol=0, atol=0, msg=name)
+    assert overflow.loss_fn.center.abs().sum() > 0
+    assert all(math.isfinite(record["loss"]) for record in read_metrics(tmp_path / "overflow"))
+
+
 def test_compiled_step_matches_the_eager_step(tmp_path):
     # --torch-compile: the same per-step losses, center and teacher as the uncompiled loop, and a teacher
     # temperature warm-up that changes the value every epoch without recompiling (it enters as a tensor).
