@@ -215,6 +215,12 @@ class DinoTrainer:
         )
         accelerator = self.accelerator
         self.device = accelerator.device
+        if self.mixed_precision == "fp16" and not accelerator.native_amp:
+            logger.warning(
+                "--mixed-precision fp16 has no effect on %s (accelerate autocasts to float16 only on "
+                "accelerators): training in float32; bf16 is the reduced precision on CPUs",
+                self.device,
+            )
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # one bar per save_pretrained would drown the training bar
