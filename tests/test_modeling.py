@@ -243,6 +243,38 @@ def test_gradient_checkpointing_same_gradients() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_gelu_recomputed_in_the_backward_gives_the_plain_gradients() -> None:
+    from hf_dino.modeling_dino import GeluThenLinear
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(3, 5, 8, generator=generator, dtype=torch.float64, requires_grad=True),
+        torch.randn(4, 8, generator=generator, dtype=torch.float64, requires_grad=True),
+        torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True),
+    ]
+    assert torch.autograd.gradcheck(GeluThenLinear.apply, inputs)
+
+    torch.manual_seed(0)
+    model = DinoModel(tiny_config()).train()
+    images = torch.randn(4, 3, 32, 32)
+    for autocast in (False, True):  # float32, then bfloat16 autocast (half-precision hidden, float32 weights)
+        gradients = []
+        for recompute in (True, False):
+            for block in model.backbone.layers:
+                block.recompute_gelu = recompute
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                output = model.forward_with_head(images)
+            output.float().square().mean().backward()
+            gradients.append(
+                {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+            )
+        assert gradients[0].keys() == gradients[1].keys()
+        for name, value in gradients[1].items():
+            assert gradients[0][name].dtype == value.dtype == torch.float32
+            torch.testing.assert_close(gradients[0][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_multicrop_forward_groups_resolutions(model: DinoModel) -> None:
     crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
     with torch.no_grad():

@@ -425,7 +425,20 @@ def fp16_with_loss_scaler(arguments: DinoTrainingArguments, scaler: torch.amp.Gr
     return trainer
 
 
-def test_fp16_loss_scaling_unscales_before_clipping_and_skips_overflowing_steps(tmp_path):
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, fixed by the first `Accelerator`: start this test from none (it
+    asks for fp16 where the others ran without), and leave none behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_fp16_loss_scaling_unscales_before_clipping_and_skips_overflowing_steps(
+    tmp_path, fresh_accelerate_state
+):
     # The clipping threshold bites (0.05): clipping the scaled gradients would give another run. Scale 2: in this
     # tiny head the bottleneck bias gradient nears the float16 limit already at scale 16.
     common = dict(epochs=1, warmup_epochs=0, optimizer="sgd", lr=0.5, clip_grad=0.05, mixed_precision="fp16")

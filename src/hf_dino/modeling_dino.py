@@ -62,6 +62,37 @@ def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> 
     return hidden_states.div(keep_prob) * keep
 
 
+class GeluThenLinear(torch.autograd.Function):
+    """`linear(gelu(hidden), weight, bias)` that keeps only `hidden` for the backward and recomputes the GELU.
+
+    The plain composition keeps both the MLP's hidden activations and their GELU (each 4x the width per token)
+    until the backward; recomputing the GELU there is one elementwise pass and drops a fifth of a ViT block's
+    activation memory. Same operations, same dtypes as the plain path: under autocast `hidden` arrives in the
+    autocast dtype and the weight is cast to it, as `F.linear` would; the gradients of the weight and bias come
+    back in their own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        compute_weight = weight.to(hidden.dtype)
+        compute_bias = bias.to(hidden.dtype) if bias is not None else None
+        ctx.save_for_backward(hidden, compute_weight)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return F.linear(F.gelu(hidden), compute_weight, compute_bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden, compute_weight = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        grad_output = grad_output.to(hidden.dtype)
+        activated = F.gelu(hidden)
+        grad_hidden = torch.ops.aten.gelu_backward(grad_output @ compute_weight, hidden)
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = (flat_grad.t() @ activated.reshape(-1, activated.shape[-1])).to(weight_dtype)
+        grad_bias = flat_grad.sum(0).to(bias_dtype) if bias_dtype is not None else None
+        return grad_hidden, grad_weight, grad_bias
+
+
 class DinoBlock(ViTLayer):
     """One pre-norm transformer block: transformers' `ViTLayer` (same parameter names), DINO's forward.
 
@@ -78,6 +109,8 @@ class DinoBlock(ViTLayer):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.activation = ACT2FN[config.hidden_act]
+        # The exact (erf) GELU of ViTs: recomputed in the backward instead of kept (GeluThenLinear).
+        self.recompute_gelu = config.hidden_act == "gelu"
         self.drop_path_rate = drop_path_rate
 
     def self_attention(
@@ -86,13 +119,15 @@ class DinoBlock(ViTLayer):
         """Multi-head self-attention; probabilities are only materialised when asked for."""
         batch, tokens, width = hidden_states.shape
         module = self.attention
-
-        def heads(projection: nn.Linear) -> torch.Tensor:
-            return (
-                projection(hidden_states).view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-            )
-
-        query, key, value = heads(module.q_proj), heads(module.k_proj), heads(module.v_proj)
+        # One projection to q, k and v (the original's fused qkv layer) from the three weights: one matrix
+        # product, and under autocast one half-precision copy of the input kept for the backward, not three.
+        projections = (module.q_proj, module.k_proj, module.v_proj)
+        weight = torch.cat([projection.weight for projection in projections])
+        bias = None
+        if module.q_proj.bias is not None:
+            bias = torch.cat([projection.bias for projection in projections])
+        qkv = F.linear(hidden_states, weight, bias).view(batch, tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
         probabilities = None
         if return_probabilities:
             scores = (query @ key.transpose(-2, -1)) * self.head_dim**-0.5
@@ -112,7 +147,11 @@ class DinoBlock(ViTLayer):
             self.layernorm_before(hidden_states), return_probabilities
         )
         hidden_states = hidden_states + drop_path(attended, rate, self.training)
-        mlp = self.mlp.fc2(self.activation(self.mlp.fc1(self.layernorm_after(hidden_states))))
+        hidden = self.mlp.fc1(self.layernorm_after(hidden_states))
+        if self.recompute_gelu and torch.is_grad_enabled():
+            mlp = GeluThenLinear.apply(hidden, self.mlp.fc2.weight, self.mlp.fc2.bias)
+        else:
+            mlp = self.mlp.fc2(self.activation(hidden))
         hidden_states = hidden_states + drop_path(mlp, rate, self.training)
         return hidden_states, probabilities
 
