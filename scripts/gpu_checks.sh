@@ -3,7 +3,8 @@
 #
 #   OUT=/some/folder bash scripts/gpu_checks.sh          # from the repository root
 #
-# Writes at most 8 small files under $OUT (default: benchmarks/gpu): gpu_checks.log and one JSON per step:
+# Writes at most 8 small files under $OUT (default: benchmarks/gpu): gpu_checks.log (also the activation memory of
+# scripts/benchmark_activations.py) and one JSON per step:
 #   check.json                  fast path and hf_dino's loop against the baseline on the same batch (fp32, bf16)
 #   step_vit_small_10.json      ViT-S/16, 2x224 + 10x96, batch 64: baseline, loop, fast and one-lever ablations
 #   step_vit_small_8.json       ViT-S/16, 2x224 + 8x96 (the official default)
@@ -33,7 +34,7 @@ export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1
 LOG="$OUT/gpu_checks.log"
 PYTHON="${PYTHON:-python3}"
-BUDGET_SECONDS="${BUDGET_SECONDS:-345}"  # the whole script; the compile run gets what is left
+BUDGET_SECONDS="${BUDGET_SECONDS:-360}"  # the whole script; the compile run gets what is left
 START=$(date +%s)
 
 log() { echo "[gpu_checks $(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -87,6 +88,11 @@ fi
 STEP="$PYTHON scripts/benchmark_step.py --device $DEVICE"
 run check 90 $STEP --check --check-full --check-precision fp32,bf16 --model vit_small_patch16 \
     --local-crops 2 --batch-size 8 $TINY --json "$OUT/check.json"
+# What the forward saves for the backward, under CUDA's autocast (its printout goes to the log only: the device
+# tool returns 8 files at most).
+ACTIVATION_SIZES=""
+[[ "${SMOKE:-0}" == 1 ]] && ACTIVATION_SIZES="--batch-sizes 1,2"
+run activations 60 "$PYTHON" scripts/benchmark_activations.py --device $DEVICE $ACTIVATION_SIZES
 run step_vit_small_10 150 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 --steps 5 \
     --rounds 3 --variants baseline,trainer,fast,fast-no-sdpa,fast-no-fused-loss,fast-no-foreach,fast-no-fused-adamw,fast-no-bf16 \
     $TINY --json "$OUT/step_vit_small_10.json"

@@ -50,6 +50,16 @@ EMBEDDED_DATASET = "hf_dino:fashion-mnist"  # hf_dino.data.EMBEDDED_DATASET, the
 # -------------------------------------------------------------------------------------------------------
 
 
+def _add_split_arguments(parser: argparse.ArgumentParser, *, train: str, test: str) -> None:
+    """The labelled splits of k-NN and the linear probe, and how much of each to use."""
+    parser.add_argument("--train-split", default="train", help=train)
+    parser.add_argument("--test-split", default=None, help=f"{test} (default: test, else validation)")
+    parser.add_argument(
+        "--max-train-samples", type=int, default=None, help="use only the first N training images"
+    )
+    parser.add_argument("--max-test-samples", type=int, default=None, help="use only the first N test images")
+
+
 def _add_common_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -150,8 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Weighted k-NN (paper §4.1): the train split is the memory bank, the test split the queries.",
     )
     _add_common_arguments(knn)
-    knn.add_argument("--train-split", default="train", help="memory-bank split")
-    knn.add_argument("--test-split", default=None, help="query split (default: test, else validation)")
+    _add_split_arguments(knn, train="memory-bank split", test="query split")
     knn.add_argument(
         "--k",
         type=int,
@@ -170,10 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the preprocessed pixels themselves as features (the baseline); --model is then not needed",
     )
-    knn.add_argument(
-        "--max-train-samples", type=int, default=None, help="use only the first N training images"
-    )
-    knn.add_argument("--max-test-samples", type=int, default=None, help="use only the first N test images")
 
     linear = protocols.add_parser(
         "linear",
@@ -182,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "learning rates are swept side by side.",
     )
     _add_common_arguments(linear)
-    linear.add_argument("--train-split", default="train", help="training split")
-    linear.add_argument("--test-split", default=None, help="test split (default: test, else validation)")
+    _add_split_arguments(linear, train="training split", test="test split")
     linear.add_argument(
         "--n-last-blocks",
         type=int,
@@ -229,10 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     linear.add_argument(
         "--save-classifier", default=None, help="write the best linear layer here (safetensors)"
     )
-    linear.add_argument(
-        "--max-train-samples", type=int, default=None, help="use only the first N training images"
-    )
-    linear.add_argument("--max-test-samples", type=int, default=None, help="use only the first N test images")
 
     masks = protocols.add_parser(
         "masks",
