@@ -5,8 +5,8 @@ Each process takes its half of every step's images (see `hf_dino.training.data_p
 gradients and the DINO center is all-reduced, so after a few steps the center, the teacher and the student
 must equal those of a single process whose batch is both halves together.
 
-The same holds under FSDP2, where student and teacher are sharded across the two processes: the EMA runs on
-local shards, per-parameter clipping needs whole-tensor norms, the online k-NN gathers the teacher, and a run
+The same holds under FSDP2 with gradient accumulation, where student and teacher are sharded across the two
+processes: the EMA runs on local shards, per-parameter clipping needs whole-tensor norms, the online k-NN gathers the teacher, and a run
 resumed from a sharded checkpoint must continue exactly. accelerate turns FSDP on only for GPU-like backends,
 so the FSDP child, started by `accelerate launch` with the shipped `scripts/accelerate_fsdp.yaml`, switches it
 on over gloo (`_fsdp_over_gloo`); everything after that is the real code path.
@@ -91,7 +91,10 @@ def child_main(output_dir: str, mode: str, resume: str | None = None) -> None:
 
     if mode == "fsdp":
         _fsdp_over_gloo()
-        arguments = arguments_for(output_dir, 4, resume=resume, **FSDP_OVERRIDES)
+        # 2 micro-batches of 2 images per process and step: gradient accumulation under FSDP as well
+        arguments = arguments_for(
+            output_dir, 2, gradient_accumulation_steps=2, resume=resume, **FSDP_OVERRIDES
+        )
         data = evaluation_data()
     else:
         arguments, data = arguments_for(output_dir, 4), None
