@@ -6,8 +6,8 @@ gradients and the DINO center is all-reduced, so after a few steps the center, t
 must equal those of a single process whose batch is both halves together.
 
 The same holds under FSDP2 with gradient accumulation, where student and teacher are sharded across the two
-processes: the EMA runs on local shards, per-parameter clipping needs whole-tensor norms, the online k-NN gathers the teacher, and a run
-resumed from a sharded checkpoint must continue exactly. accelerate turns FSDP on only for GPU-like backends,
+processes: the EMA runs on local shards, per-parameter clipping needs whole-tensor norms, the online k-NN
+gathers the teacher, and a run resumed from a sharded checkpoint must continue exactly. accelerate turns FSDP on only for GPU-like backends,
 so the FSDP child, started by `accelerate launch` with the shipped `scripts/accelerate_fsdp.yaml`, switches it
 on over gloo (`_fsdp_over_gloo`); everything after that is the real code path.
 """
