@@ -112,9 +112,9 @@ def knn_rankings(
         for k in k_values:
             votes = torch.zeros(queries.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
             votes.scatter_add_(1, top_labels[:, :k], weights[:, :k])
-            # A stable sort: classes with equal votes (often zero) keep their index order, so results are
-            # reproducible; the official unstable `sort(1, True)` breaks such ties arbitrarily.
-            ranked = votes.sort(dim=1, descending=True, stable=True).indices[:, :num_ranked]
+            # The official call, unstable: classes with equal votes (zero, with fewer voting classes than the
+            # top-5) come out in the order torch's sort gives, as in the original, which top-5 can depend on.
+            ranked = votes.sort(1, True).indices[:, :num_ranked]
             rankings[k].append(ranked.cpu())
     return {k: torch.cat(chunks) for k, chunks in rankings.items()}
 
