@@ -19,6 +19,9 @@
 #   learning_fashion_mnist.json (+ its metrics.jsonl copied beside it as learning_metrics.jsonl)
 # That makes 10 files: on the device tool (8 files back at most), write to a folder outside $OUT and tar it
 # into $OUT, e.g. OUT=/tmp/gpu LEARNING_MINUTES=10 bash scripts/gpu_checks.sh; tar czf $OUT/gpu.tgz -C /tmp gpu
+# The learning run alone, inside one 600-s device call (the issue asks for 88% *within* 10 minutes; on one H100
+# the preset ran at 8,224 images/s, about 7.3 s per epoch, so 64 epochs fill about 8 minutes):
+#   BUDGET_SECONDS=0 LEARNING_MINUTES=8 LEARNING_EPOCHS=64 FASHION_MNIST_DIR=.gpu/fmnist bash scripts/gpu_checks.sh
 # Each measurement runs in its own `timeout`, and the benchmarks rewrite their JSON as results come in, so a
 # failure or a timeout in one keeps the others and the partial figures of its own.
 #
@@ -117,11 +120,18 @@ if [[ "$LEARNING_MINUTES" != 0 ]]; then
     rm -rf "$WORK"
     LIMIT=$(awk "BEGIN { print int($LEARNING_MINUTES * 60 + 115) }")
     log "START learning_fashion_mnist (limit ${LIMIT}s)"
+    # LEARNING_EPOCHS=N skips the probe (it costs up to 2 minutes): N epochs, k-NN every N/8 epochs.
+    # (one --set with every override: a second --set would replace the first)
+    SETTINGS=(num_workers="${LEARNING_WORKERS:-12}" mixed_precision=bf16)
+    FIT=(--fit-epochs)
+    if [[ -n "${LEARNING_EPOCHS:-}" ]]; then
+        SETTINGS+=(epochs="$LEARNING_EPOCHS" eval_steps=$(( LEARNING_EPOCHS * 234 / 8 )))
+        FIT=()
+    fi
     timeout --kill-after=10 "$LIMIT" "$PYTHON" scripts/benchmark_learning.py fashion-mnist \
         --data-dir "${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}" \
-        --time-budget-minutes "$LEARNING_MINUTES" --fit-epochs --work-dir "$WORK" \
-        --set num_workers="${LEARNING_WORKERS:-12}" mixed_precision=bf16 \
-        ${LEARNING_SET:-} --output "$OUT/learning_fashion_mnist.json" >>"$LOG" 2>&1
+        --time-budget-minutes "$LEARNING_MINUTES" "${FIT[@]}" --work-dir "$WORK" \
+        --set "${SETTINGS[@]}" ${LEARNING_SET:-} --output "$OUT/learning_fashion_mnist.json" >>"$LOG" 2>&1
     log "learning_fashion_mnist exit $?"
     cp "$WORK/fashion_mnist/metrics.jsonl" "$OUT/learning_metrics.jsonl" 2>/dev/null
 fi
