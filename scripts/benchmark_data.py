@@ -15,7 +15,11 @@ on ~200 ImageNet-like JPEGs (about 500 x 375, quality 90) cut from scikit-image'
 
 With `--end-to-end` (meant for a GPU): DataLoader throughput of both pipelines with N workers, and the fast
 training step (scripts/benchmark_step.py) fed by real JPEG decoding (hf_dino pipeline, photometric on the
-device) against the same step on synthetic tensors already on the device.
+device) against the same step on synthetic tensors already on the device; `--compile-mode MODE` compiles the
+step (with MODE) and the photometric stage.
+
+With `--photometric`: the photometric stage on a collated batch, eager and compiled: operations dispatched
+(each one at least a kernel launch on an accelerator) and CPU time per batch.
 """
 
 from __future__ import annotations
@@ -235,6 +239,55 @@ def per_core_benchmarks(
     return results
 
 
+def photometric_dispatch(config: MultiCropConfig, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """The photometric stage on a collated batch: operations dispatched and CPU time per batch, eager
+    (per-subset on a CPU, sync-free as on accelerators) and compiled.
+
+    On an accelerator every dispatched operation is at least one kernel launch from the training process,
+    so the count says what the stage costs that process there, whatever device measures it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hf_dino.augmentation import MultiCropPhotometric
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [config.global_crop_size] * 2 + [config.local_crop_size] * config.local_crops_number
+    crops = [
+        torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator).to(device)
+        for size in sizes
+    ]
+    results: dict[str, Any] = {"batch_size": batch_size, "device": str(device)}
+    for name, sync_free, compiled in (
+        ("eager-subset", False, False),
+        ("eager-sync-free", True, False),
+        ("compiled", True, True),
+    ):
+        stage = MultiCropPhotometric(config, sync_free=sync_free).to(device)
+        start = time.perf_counter()
+        if compiled:
+            stage.compile_apply()
+        for seed in range(2):  # warm-up (compilation)
+            stage(crops, torch.Generator(device=device).manual_seed(seed))
+        entry: dict[str, Any] = {"setup_and_warmup_seconds": time.perf_counter() - start}
+        _synchronize(device)
+        cpu_start = time.process_time()
+        for seed in range(3):
+            stage(crops, torch.Generator(device=device).manual_seed(seed))
+        _synchronize(device)
+        entry["cpu_ms_per_batch"] = (time.process_time() - cpu_start) / 3 * 1000
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            stage(crops, torch.Generator(device=device).manual_seed(5))
+        entry["aten_ops_per_batch"] = sum(
+            event.count for event in profiler.key_averages() if event.key.startswith("aten::")
+        )
+        results[name] = entry
+    return results
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # End to end (GPU)
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,13 +349,18 @@ def end_to_end(
     model_config = DinoConfig.from_preset(arguments.model, **overrides)
     with torch.device(device):
         source = DinoModel(model_config).train()
-    trainer = benchmark_step.FastTrainer(source, benchmark_step.fast_options("fast", device, "default"))
+    compile_mode = arguments.compile_mode
+    variant = "fast-compile" if compile_mode else "fast"
+    trainer = benchmark_step.FastTrainer(
+        source, benchmark_step.fast_options(variant, device, compile_mode or "default")
+    )
     crop_sizes = [config.global_crop_size] * 2 + [config.local_crop_size] * config.local_crops_number
     synthetic = benchmark_step.synthetic_batches(crop_sizes, arguments.batch_size, 3, device)
     results: dict[str, Any] = {
         "workers": arguments.workers,
         "batch_size": arguments.batch_size,
         "model": arguments.model,
+        "compile_mode": compile_mode,  # the step, and the photometric stage (without CUDA graphs)
     }
     step = iter(range(10**9))
 
@@ -321,6 +379,8 @@ def end_to_end(
     def real_rate() -> float:
         pipeline = HfDinoPipeline(config, "accelerator")
         augmentation = pipeline.augmentation
+        if compile_mode:
+            augmentation.photometric.compile_apply(compile_mode)
         generator = torch.Generator(device=device).manual_seed(0)
         loader = make_loader(
             images,
@@ -410,9 +470,20 @@ def format_table(results: dict[str, Any]) -> str:
             f"{name:<24}{entry['images_per_cpu_second']:>11.1f}{entry['images_per_wall_second']:>12.1f}"
             f"{entry.get('over_pil_baseline', float('nan')):>8.2f}"
         )
+    photometric = results.get("photometric")
+    if photometric:
+        lines.append(f"photometric stage, batch {photometric['batch_size']} on {photometric['device']}:")
+        for name in ("eager-subset", "eager-sync-free", "compiled"):
+            entry = photometric[name]
+            lines.append(
+                f"  {name:<18}{entry['aten_ops_per_batch']:>7d} ops{entry['cpu_ms_per_batch']:>10.1f} CPU ms / batch"
+            )
     end = results.get("end_to_end")
     if end:
-        lines.append(f"end to end, {end['workers']} workers, batch {end['batch_size']}, {end['model']}:")
+        compiled = f", compiled ({end['compile_mode']})" if end.get("compile_mode") else ""
+        lines.append(
+            f"end to end, {end['workers']} workers, batch {end['batch_size']}, {end['model']}{compiled}:"
+        )
         for key in (
             "synthetic_images_per_second",
             "real_jpeg_images_per_second",
@@ -465,6 +536,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--loader-batches", type=int, default=10, help="Batches timed for the loader-only rates."
     )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="End to end: torch.compile the step with this mode and the photometric stage (default: eager).",
+    )
+    parser.add_argument(
+        "--photometric",
+        action="store_true",
+        help="Also count the photometric stage's dispatched operations per batch, eager and compiled.",
+    )
+    parser.add_argument(
+        "--photometric-batch-size", type=int, default=16, help="Batch of the --photometric measurement."
+    )
     parser.add_argument("--json", default=None, help="Write the figures to this JSON file.")
     return parser
 
@@ -489,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         if not arguments.skip_per_core:
             results["per_core"] = per_core_benchmarks(images, config, arguments.seconds)
+            write_json(arguments.json, results)
+        if arguments.photometric:
+            results["photometric"] = photometric_dispatch(
+                config, arguments.photometric_batch_size, torch.device(arguments.device)
+            )
             write_json(arguments.json, results)
         if arguments.end_to_end:
             results["end_to_end"] = end_to_end(arguments, images, config)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the performance issue in one call of about 6-8 minutes on one H100 / H200.
+# Every GPU measurement of the performance issue in one call of about 7-9 minutes on one H100 / H200.
 #
 #   OUT=/some/folder bash scripts/gpu_checks.sh          # from the repository root
 #
@@ -13,7 +13,8 @@
 #   data.json                   data pipeline per core (PIL baseline vs hf_dino) and end to end with 8 workers
 #   step_vit_small_10_compile.json   baseline, fast, and fast / hf_dino's loop with torch.compile reduce-overhead
 #                                    (CUDA graphs; compilation time varies)
-# and, in the log only, the activation memory and fast + CUDA graphs at batch 128.
+# and, in the log only: the activation memory, end to end with the compiled step and photometric stage (and
+# the photometric stage's dispatched operations), and fast + CUDA graphs at batch 128.
 # With LEARNING_MINUTES=N (and FASHION_MNIST_DIR holding the Fashion-MNIST idx files), after those, on its own
 # time limit: the pretraining issue's full Fashion-MNIST run on the GPU, N minutes of training with the
 # schedules fitted to N minutes by a short probe, k-NN against training time:
@@ -38,7 +39,7 @@ export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1
 LOG="$OUT/gpu_checks.log"
 PYTHON="${PYTHON:-python3}"
-BUDGET_SECONDS="${BUDGET_SECONDS:-480}"  # the whole script; the compile runs get what is left
+BUDGET_SECONDS="${BUDGET_SECONDS:-540}"  # the whole script; the compile runs get what is left
 START=$(date +%s)
 
 log() { echo "[gpu_checks $(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -114,6 +115,11 @@ run step_vit_small_10_compile 240 $STEP --model vit_small_patch16 --local-crops 
     --steps 5 --rounds 3 --variants baseline,fast,fast-compile,trainer-compile --compile-mode reduce-overhead \
     $TINY --json "$OUT/step_vit_small_10_compile.json"
 
+# End to end with the compiled step (CUDA graphs) and the compiled photometric stage, and the photometric
+# stage's dispatched operations per batch, eager and compiled (log only).
+run data_compiled 200 "$PYTHON" scripts/benchmark_data.py --device $DEVICE --skip-per-core --photometric \
+    --end-to-end --compile-mode reduce-overhead --workers 8 --model vit_small_patch16 --local-crops 10 \
+    --batch-size 64 --warmup 4 --steps 20 $DATA_TINY
 # The same at batch 128 (the activation levers leave room for it): the MFU target does not fix the batch.
 # Printed to the log only (the device tool returns 8 files at most); skipped when the budget is spent.
 run step_vit_small_10_b128_compile 150 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 128 \

@@ -336,6 +336,23 @@ def test_sync_free_and_subset_paths_agree_for_1_3_4_channels():
         )
 
 
+def test_compiled_photometric_stage_matches_the_eager_one():
+    import torch._dynamo
+
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    eager = PhotometricAugmentation(MultiCropConfig(), blur_prob=0.5, solarize_prob=0.3)  # CPU: subset path
+    compiled = PhotometricAugmentation(MultiCropConfig(), blur_prob=0.5, solarize_prob=0.3)
+    compiled.compile_apply()
+    torch._dynamo.utils.counters.clear()
+    for seed in (0, 1):  # a second batch reuses the graph
+        expected = eager(images, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(
+            compiled(images, torch.Generator().manual_seed(seed)), expected, atol=1e-5, rtol=0
+        )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph, no break
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
 def bernoulli_tolerance(probability: float, count: int) -> float:
     return 5 * math.sqrt(max(probability * (1 - probability), 1e-12) / count) + 1e-12
 

@@ -599,6 +599,7 @@ class PhotometricAugmentation(nn.Module):
         self.blur_prob = float(blur_prob)
         self.solarize_prob = float(solarize_prob)
         self.sync_free = sync_free
+        self._compiled_apply: Callable[..., torch.Tensor] | None = None
         self.max_blur_radius = int(pil_like_blur_radius(torch.tensor([self.config.blur_sigma[1]]))[0])
         self.register_buffer("mean", torch.tensor(self.config.mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(self.config.std, dtype=torch.float32), persistent=False)
@@ -652,7 +653,23 @@ class PhotometricAugmentation(nn.Module):
             (B, C, H, W) float32, normalised.
         """
         parameters = self.sample_parameters(images.shape[0], device=images.device, generator=generator)
-        return self.apply(images, parameters)
+        return (self._compiled_apply or self.apply)(images, parameters)
+
+    def compile_apply(self, mode: str = "default") -> None:
+        """Run `apply` through `torch.compile`: its few hundred small operations become a handful of fused
+        kernels (the parameter draws stay eager: a generator cannot enter a graph).
+
+        The compiled stage is sync-free (whole-batch arithmetic, masked per sample), whatever the device, so
+        that it compiles to one graph; it gives the eager stage's result to float rounding.
+
+        Args:
+            mode: a `torch.compile` mode; CUDA graphs ("reduce-overhead") are not used here, as the next
+                call would overwrite the views the training step is still reading.
+        """
+        if mode == "reduce-overhead":
+            mode = "default"
+        self.sync_free = True
+        self._compiled_apply = torch.compile(self.apply, mode=mode, dynamic=False)
 
     def apply(
         self, images: torch.Tensor, parameters: PhotometricParameters, *, normalize: bool = True
@@ -795,6 +812,11 @@ class MultiCropPhotometric(nn.Module):
         self.local = PhotometricAugmentation(
             config, blur_prob=config.local_blur_prob, solarize_prob=0.0, sync_free=sync_free
         )
+
+    def compile_apply(self, mode: str = "default") -> None:
+        """Compile the three views' photometric stages (see `PhotometricAugmentation.compile_apply`)."""
+        for stage in (self.global_1, self.global_2, self.local):
+            stage.compile_apply(mode)
 
     def forward(
         self, crops: Sequence[torch.Tensor], generator: torch.Generator | None = None

@@ -311,6 +311,9 @@ class DinoTrainer:
                 self._eager_forward_and_loss, mode=arguments.torch_compile, dynamic=False
             )
             self._cuda_graphs = arguments.torch_compile == "reduce-overhead" and self.device.type == "cuda"
+            if self.device_augmentation is not None:
+                # The photometric stage too: hundreds of small kernels per batch become a few fused ones.
+                self.device_augmentation.photometric.compile_apply(arguments.torch_compile)
             # The teacher temperature enters as a device tensor, so that its warm-up neither recompiles nor
             # copies from the host (a fill kernel updates it).
             self._teacher_temp_tensor = torch.zeros((), dtype=torch.float32, device=self.device)
