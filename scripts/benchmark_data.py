@@ -46,7 +46,7 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from benchmark_step import cpu_name  # noqa: E402
+from benchmark_step import _synchronize, cpu_name  # noqa: E402
 from dino_baseline import PILMultiCrop  # noqa: E402
 
 from hf_dino.augmentation import MultiCropAugmentation, MultiCropConfig  # noqa: E402
@@ -281,11 +281,6 @@ def photometric_dispatch(config: MultiCropConfig, batch_size: int, device: torch
         )
         results[name] = entry
     return results
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
