@@ -1,10 +1,10 @@
 """DinoModel: a ViT (or ResNet) backbone and the DINO projection head, as a transformers `PreTrainedModel`.
 
-The ViT reuses transformers' own modules (`ViTEmbeddings`; `ViTLayer`, subclassed as `DinoBlock`), so its weights
-carry transformers' names and export to a stock `ViTModel` unchanged. The forward pass is written here because DINO needs three
-things transformers' ViT does not do: stochastic depth, the original positional-embedding interpolation
-(bicubic with `scale_factor` and a +0.1 offset, dino#8) and the last layer's attention probabilities without
-running every layer in eager attention.
+The ViT reuses transformers' own modules (`ViTEmbeddings`; `ViTLayer`, subclassed as `DinoBlock`), so its
+weights carry transformers' names and export to a stock `ViTModel` unchanged. The forward pass is written here
+because DINO needs three things transformers' ViT does not do: stochastic depth, the original positional-embedding
+interpolation (bicubic with `scale_factor` and a +0.1 offset, dino#8) and the last layer's attention
+probabilities without running every layer in eager attention.
 
 This file is copied next to saved checkpoints (remote code), so it imports nothing from hf_dino but its config.
 """
