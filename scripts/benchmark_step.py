@@ -9,6 +9,7 @@ Every variant runs in this one process on the same synthetic batch, in interleav
 baseline, fast, ...), so that every ratio compares the same machine at the same moment. After warm-up it
 measures training images/s, MFU (analytic FLOPs, cross-checked with `torch.utils.flop_counter`), peak
 accelerator memory, host-device synchronisations per non-logging step and compiled graphs / recompilations.
+With `--profile VARIANTS`, also where each listed variant's step time goes (device kernels by category).
 
 Variants:
   baseline            scripts/dino_baseline.py: the original's step (eager attention, fp16 + GradScaler on CUDA,
@@ -19,6 +20,8 @@ Variants:
                       DinoLoss, foreach clipping and EMA, fused AdamW, on-device metrics; bf16 on CUDA).
   fast-compile        fast + torch.compile of the forward passes and the loss.
   fast-bf16           fast with bf16 autocast forced (the lever on CPUs with bf16 units).
+  fast-packed         fast with the student's crops of both resolutions in one backbone pass over packed tokens
+                      (`forward_with_head(..., pack=True)`); fast-packed-compile: the same compiled.
   fast-no-<lever>     fast with one lever switched off: sdpa, fused-loss, foreach, fused-adamw, bf16.
 """
 
@@ -269,6 +272,7 @@ class FastOptions:
         compile: torch.compile the forward passes and the loss.
         compile_mode: torch.compile mode ("default", "max-autotune-no-cudagraphs", "reduce-overhead").
         monitor: on-device collapse statistics every step, as hf_dino's loop records them.
+        pack: the student's crops of both resolutions in one backbone pass over packed tokens.
     """
 
     precision: str = "fp32"
@@ -279,6 +283,7 @@ class FastOptions:
     compile: bool = False
     compile_mode: str = "default"
     monitor: bool = True
+    pack: bool = False
 
 
 def pairwise_loss(
@@ -343,7 +348,7 @@ class FastTrainer:
 
     def _multi_crop(self, model: DinoModel, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.options.sdpa:
-            return model.forward_with_head(list(crops))
+            return model.forward_with_head(list(crops), pack=self.options.pack)
         # Eager attention: the backbone materialises every layer's probabilities when asked for them.
         features = []
         for _, group in itertools.groupby(crops, key=lambda crop: tuple(crop.shape[-2:])):
@@ -619,7 +624,8 @@ def _detached(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # Variants
 # ---------------------------------------------------------------------------------------------------------------
 def variant_names(device: torch.device) -> list[str]:
-    names = ["baseline", "trainer", "trainer-compile", "fast", "fast-compile", "fast-bf16"]
+    names = ["baseline", "trainer", "trainer-compile", "fast", "fast-compile", "fast-bf16", "fast-packed"]
+    names += ["fast-packed-compile"]
     names += [f"fast-no-{lever}" for lever in ("sdpa", "fused-loss", "foreach", "fused-adamw", "bf16")]
     return names
 
@@ -634,6 +640,10 @@ def fast_options(name: str, device: torch.device, compile_mode: str) -> FastOpti
         return dataclasses.replace(options, compile=True)
     if name == "fast-bf16":
         return dataclasses.replace(options, precision="bf16")
+    if name == "fast-packed":
+        return dataclasses.replace(options, pack=True)
+    if name == "fast-packed-compile":
+        return dataclasses.replace(options, pack=True, compile=True)
     levers = {
         "fast-no-sdpa": {"sdpa": False},
         "fast-no-fused-loss": {"fused_loss": False},
@@ -753,6 +763,168 @@ def count_syncs(
         runner.step(batch, schedule)
     runner.flush()
     return {"per_step": counter.total, "by_kind": dict(counter.counts.most_common())}
+
+
+# Inductor's Triton kernels say what they are in their prefix, whatever the operations their names list.
+TRITON_PREFIXES = (
+    ("triton_tem", "matmul"),  # matmul templates (max-autotune)
+    ("triton_poi", "pointwise"),
+    ("triton_red", "norms, softmax, reductions"),
+    ("triton_per", "norms, softmax, reductions"),
+)
+# Other kernel / operator name patterns of each category, first match wins (lower case).
+PROFILE_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::baddbmm", "matmul", "convolution", "convolve", "conv2d", "fprop", "dgrad", "wgrad")),
+    ("optimizer, clipping, EMA", ("adam", "multi_tensor", "foreach", "lerp")),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill", "catarray", "aten::cat", "clone", "index")),
+    ("norms, softmax, reductions", ("norm", "softmax", "reduce", "sum", "mean", "welford", "max")),
+    ("pointwise", ("elementwise", "gelu", "add", "mul", "div", "sub", "exp", "where", "dropout", "bernoulli",
+                   "rand", "floor", "clamp")),
+)  # fmt: skip
+
+
+def profile_category(name: str) -> str:
+    """The category of a GPU kernel or CPU operator name (see `TRITON_PREFIXES`, `PROFILE_CATEGORIES`)."""
+    lowered = name.lower()
+    for prefix, category in TRITON_PREFIXES:
+        if lowered.startswith(prefix):
+            return category
+    for category, patterns in PROFILE_CATEGORIES:
+        if any(pattern in lowered for pattern in patterns):
+            return category
+    return "other"
+
+
+def _merged_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by possibly overlapping intervals."""
+    total, end = 0.0, -math.inf
+    for first, last in sorted(intervals):
+        if last > end:
+            total += last - max(first, end)
+            end = last
+    return total
+
+
+def device_activity(events: Iterable[Any]) -> tuple[list[tuple[str, float]], float, int]:
+    """(name, seconds) of every CUDA kernel, copy and fill among profiler events, the time the device was busy
+    (overlaps counted once) and their number. The annotations that span kernels on the device's timeline (a
+    compiled graph's or a record_function's range) are left out."""
+    kernels = [
+        event
+        for event in events
+        if event.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(event, "is_user_annotation", False)
+    ]
+    durations = [(event.name, event.time_range.elapsed_us() / 1e6) for event in kernels]
+    busy = _merged_length([(event.time_range.start / 1e6, event.time_range.end / 1e6) for event in kernels])
+    return durations, busy, len(kernels)
+
+
+def profile_steps(
+    runner: Any,
+    batches: list[list[torch.Tensor]],
+    schedules: Sequence[StepSchedule],
+    device: torch.device,
+    *,
+    flops_per_step: float,
+    step_seconds: float | None = None,
+    top: int = 12,
+) -> dict[str, Any]:
+    """Where one step's time goes, from `torch.profiler` over `len(schedules)` steps.
+
+    On CUDA: the device's kernels, their busy time against the step's wall time (un-profiled, from the timing
+    rounds, when given), kernels per step, time per category (matmul, attention, Triton fusions, optimizer...)
+    and the rate the matmul and attention kernels reach on the analytic FLOPs. On a CPU: the operators' self
+    CPU time instead of kernels.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    runner.flush()
+    _synchronize(device)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    start = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        for index, schedule in enumerate(schedules):
+            runner.step(batches[index % len(batches)], schedule)
+        _synchronize(device)
+    wall = time.perf_counter() - start
+    runner.flush()
+    steps = len(schedules)
+    if device.type == "cuda":
+        durations, busy, count = device_activity(profiler.events())
+        unit = "kernels"
+    else:
+        # Self CPU time of every operator (a nested operator's time is counted once, in the innermost one).
+        durations = [(event.key, event.self_cpu_time_total / 1e6) for event in profiler.key_averages()]
+        durations = [(name, seconds) for name, seconds in durations if seconds > 0]
+        busy = sum(seconds for _, seconds in durations)
+        count = sum(event.name.startswith("aten::") for event in profiler.events())
+        unit = "aten operators"
+    totals: dict[str, list[float]] = {}
+    categories: dict[str, float] = {}
+    for name, seconds in durations:
+        entry = totals.setdefault(name, [0.0, 0])
+        entry[0] += seconds
+        entry[1] += 1
+        categories[profile_category(name)] = categories.get(profile_category(name), 0.0) + seconds
+    if device.type != "cuda":  # key_averages already aggregates: its count is the number of calls
+        counts = {event.key: event.count for event in profiler.key_averages()}
+        for name in totals:
+            totals[name][1] = counts.get(name, 1)
+    reference = step_seconds if step_seconds else wall / steps
+    summed = sum(categories.values()) or math.nan
+    compute = categories.get("matmul", 0.0) + categories.get("attention", 0.0)
+    return {
+        "steps_profiled": steps,
+        "busy_means": "device kernels' time" if device.type == "cuda" else "operators' self CPU time",
+        "step_ms": reference * 1e3,
+        "step_ms_source": "timing rounds (un-profiled)" if step_seconds else "profiled steps",
+        "profiled_step_ms": wall / steps * 1e3,
+        "busy_ms_per_step": busy / steps * 1e3,
+        "busy_fraction": busy / steps / reference,
+        "counted": unit,
+        "count_per_step": count / steps,
+        "categories_ms_per_step": {
+            name: seconds / steps * 1e3 for name, seconds in sorted(categories.items(), key=lambda kv: -kv[1])
+        },
+        "categories_share": {name: seconds / summed for name, seconds in categories.items()},
+        "matmul_and_attention_flops_per_second": flops_per_step / (compute / steps) if compute else None,
+        "top": [
+            {
+                "name": name[:160],
+                "ms_per_step": seconds / steps * 1e3,
+                "calls_per_step": calls / steps,
+                "category": profile_category(name),
+            }
+            for name, (seconds, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+        ],  # fmt: skip
+    }
+
+
+def format_profile(name: str, profile: dict[str, Any]) -> str:
+    """A few lines of text for the log."""
+    lines = [
+        f"[profile {name}] step {profile['step_ms']:.2f} ms ({profile['step_ms_source']}); busy "
+        f"{profile['busy_ms_per_step']:.2f} ms ({100 * profile['busy_fraction']:.1f}%); "
+        f"{profile['count_per_step']:.0f} {profile['counted']} per step"
+    ]
+    rate = profile.get("matmul_and_attention_flops_per_second")
+    if rate:
+        lines.append(f"  matmul + attention kernels reach {rate / 1e12:.3g} TFLOP/s on the analytic FLOPs")
+    for category, milliseconds in profile["categories_ms_per_step"].items():
+        lines.append(
+            f"  {category:<30}{milliseconds:>9.2f} ms {100 * profile['categories_share'][category]:>6.1f}%"
+        )
+    for row in profile["top"]:
+        lines.append(
+            f"    {row['ms_per_step']:>8.3f} ms x{row['calls_per_step']:<6.1f} {row['category'][:12]:<13}"
+            f"{row['name'][:100]}"
+        )
+    return "\n".join(lines)
 
 
 def run_benchmark(arguments: argparse.Namespace) -> dict[str, Any]:
@@ -884,6 +1056,20 @@ def run_benchmark(arguments: argparse.Namespace) -> dict[str, Any]:
             entry["mfu_vs_measured_matmul"] = entry["images_per_second"] * flops["total"] / peak
             if nominal:
                 entry["mfu_vs_nominal_bf16"] = entry["images_per_second"] * flops["total"] / nominal
+    for name in arguments.profile or []:
+        if name not in runners:
+            continue
+        entry = results["variants"][name]
+        try:
+            schedules = [schedule_for(next(step_counter)) for _ in range(arguments.profile_steps)]
+            entry["profile"] = profile_steps(
+                runners[name], batches, schedules, device,
+                flops_per_step=flops["total"] * arguments.batch_size,
+                step_seconds=arguments.batch_size / entry["images_per_second"],
+            )  # fmt: skip
+        except Exception as error:  # the profiler must not lose the figures above
+            entry["profile"] = {"error": f"{type(error).__name__}: {error}"}
+        write_json(arguments.json, results)
     baseline = results["variants"].get("baseline", {})
     if baseline.get("memory", {}).get("peak_bytes"):
         for entry in results["variants"].values():
@@ -979,7 +1165,7 @@ def equivalence_check(
     crop_sizes: Sequence[int] = (32, 32, 16, 16, 16, 16),
     batch_size: int = 4,
     device: str | torch.device = "cpu",
-    variants: Sequence[str] = ("fast", "trainer"),
+    variants: Sequence[str] = ("fast", "fast-packed", "trainer"),
     precision: str = "fp32",
     steps: int = 2,
     seed: int = 0,
@@ -1198,6 +1384,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of fast-compile.")
     parser.add_argument(
+        "--profile",
+        default=None,
+        help="Comma-separated variants to profile after the timing (torch.profiler): kernel busy time against "
+        "the step time, time per category, the top kernels.",
+    )
+    parser.add_argument("--profile-steps", type=int, default=3, help="Steps per profiled variant.")
+    parser.add_argument(
         "--json", default=None, help="Write all figures to this JSON file (updated as results come in)."
     )
     parser.add_argument(
@@ -1242,11 +1435,17 @@ def main(argv: list[str] | None = None) -> int:
         arguments.variants = [name.strip() for name in arguments.variants.split(",") if name.strip()]
     else:
         arguments.variants = ["baseline", "trainer", "fast", "fast-compile"]
-    for name in arguments.variants:
+    arguments.profile = [name.strip() for name in (arguments.profile or "").split(",") if name.strip()]
+    for name in arguments.variants + arguments.profile:
         if name not in variant_names(device):
             raise SystemExit(f"unknown variant {name!r}; known: {', '.join(variant_names(device))}")
     results = run_benchmark(arguments)
     print(format_table(results))
+    for name, entry in results["variants"].items():
+        if "error" in entry.get("profile", {}):
+            print(f"[profile {name}] failed: {entry['profile']['error']}")
+        elif "profile" in entry:
+            print(format_profile(name, entry["profile"]))
     return 0
 
 

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,7 +158,7 @@ def test_fast_path_gradients_equal_the_baseline_gradients():
         assert (parameter.grad - expected[key]).norm().item() <= tolerance, key
 
 
-@pytest.mark.parametrize("variant", ["fast", "trainer"])
+@pytest.mark.parametrize("variant", ["fast", "fast-packed", "trainer"])
 def test_one_step_matches_the_baseline_in_float32(variant):
     report = benchmark_step.equivalence_check(
         variants=(variant,), steps=2, crop_sizes=TINY_CROPS, batch_size=4
@@ -204,10 +205,12 @@ def test_sync_counter_counts_host_reads_and_ignores_host_side_counters():
 # ---------------------------------------------------------------------------------------------------------------
 def test_benchmark_step_reports_sane_figures(tmp_path, capsys):
     output = tmp_path / "step.json"
-    variants = "baseline,trainer,fast,fast-no-foreach"
-    assert benchmark_step.main([*TINY_ARGUMENTS, "--variants", variants, "--json", str(output)]) == 0
+    variants = "baseline,trainer,fast,fast-no-foreach,fast-packed"
+    arguments = [*TINY_ARGUMENTS, "--variants", variants, "--profile", "baseline,fast", "--json", str(output)]
+    assert benchmark_step.main(arguments) == 0
     results = json.loads(output.read_text())
-    assert "baseline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "baseline" in printed and "[profile fast]" in printed
     assert results["environment"]["torch"] == torch.__version__
     assert results["flops"]["counter_over_analytic"] == pytest.approx(1.0, abs=0.05)
     entries = results["variants"]
@@ -221,12 +224,66 @@ def test_benchmark_step_reports_sane_figures(tmp_path, capsys):
     baseline_tensors = len(dino_baseline.networks_like(model).state_dict()) - 1  # weight_g gets no gradient
     assert entries["baseline"]["syncs"]["per_step"] == 2 * baseline_tensors + 1
     assert entries["fast"]["syncs"]["per_step"] == 0
+    assert entries["fast-packed"]["syncs"]["per_step"] == 0
     assert entries["trainer"]["syncs"]["per_step"] == 0
     assert entries["fast-no-foreach"]["syncs"]["per_step"] == 2 * sum(
         p.requires_grad for p in model.parameters()
     )
     assert entries["fast"]["speedup_over_baseline"] > 0
     assert entries["fast"]["compiled_graphs"] == 0
+    # The profile: the operators' time split by category adds up; the fast path dispatches fewer operators than
+    # the baseline (one log-softmax per crop, foreach clipping and EMA) and spends time in SDPA.
+    for name in ("baseline", "fast"):
+        profile = entries[name]["profile"]
+        assert profile["steps_profiled"] == 3 and profile["counted"] == "aten operators"
+        assert sum(profile["categories_ms_per_step"].values()) == pytest.approx(profile["busy_ms_per_step"])
+        assert sum(profile["categories_share"].values()) == pytest.approx(1.0)
+        assert profile["categories_ms_per_step"]["matmul"] > 0
+        assert len(profile["top"]) == 12
+    assert entries["fast"]["profile"]["count_per_step"] < entries["baseline"]["profile"]["count_per_step"]
+    assert entries["fast"]["profile"]["categories_ms_per_step"]["attention"] > 0
+    assert "attention" not in entries["baseline"]["profile"]["categories_ms_per_step"]
+    assert "profile" not in entries["trainer"]
+
+
+def test_profile_categories_and_device_activity():
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+        "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT": "matmul",
+        "triton_tem_fused_addmm_0": "matmul",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>": "attention",
+        "triton_poi_fused__to_copy_add_convert_element_type_gelu_mul_3": "pointwise",
+        "triton_per_fused_native_layer_norm_native_layer_norm_backward_7": "norms, softmax, reductions",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": (
+            "optimizer, clipping, EMA"
+        ),
+        "Memcpy HtoD (Pageable -> Device)": "copies and fills",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<MulFunctor<float>>>": (
+            "pointwise"
+        ),
+        "cudaStreamSynchronize": "other",
+    }
+    for name, category in names.items():
+        assert benchmark_step.profile_category(name) == category, name
+    assert benchmark_step._merged_length([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]) == 4.0
+
+    def event(name, start, end, device_type, annotation=False):
+        span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(
+            name=name, time_range=span, device_type=device_type, is_user_annotation=annotation
+        )
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        event("cudaLaunchKernel", 0, 5, cpu),
+        event("## Call CompiledFxGraph ##", 0, 100, cuda, annotation=True),
+        event("triton_poi_fused_add_0", 10, 30, cuda),
+        event("nvjet_gemm", 20, 60, cuda),  # another stream, overlapping
+        event("Memset (Device)", 80, 90, cuda),
+    ]
+    durations, busy, count = benchmark_step.device_activity(events)
+    assert durations == [("triton_poi_fused_add_0", 20e-6), ("nvjet_gemm", 40e-6), ("Memset (Device)", 10e-6)]
+    assert busy == pytest.approx(60e-6) and count == 3
 
 
 def test_check_command_prints_json(capsys):
@@ -322,6 +379,8 @@ def test_gpu_checks_dry_run_on_cpu(tmp_path):
         for name, entry in variants.items():
             if "compile" not in name:  # may run out of the dry run's time budget while compiling
                 assert "images_per_second" in entry, (path.name, name, entry.get("error"))
+    profiled = json.loads((tmp_path / "step_vit_small_10.json").read_text())["variants"]
+    assert profiled["fast"]["profile"]["busy_ms_per_step"] > 0, profiled["fast"]["profile"]
     check = json.loads((tmp_path / "check.json").read_text())
     assert check["fp32"]["fast"]["center"] < 1e-4
     assert "real_over_synthetic" in json.loads((tmp_path / "data.json").read_text())["end_to_end"]

@@ -284,6 +284,64 @@ def test_multicrop_forward_groups_resolutions(model: DinoModel) -> None:
     torch.testing.assert_close(together, separate, rtol=1e-5, atol=1e-6)
 
 
+def _multicrop_gradients(model: DinoModel, crops: list[torch.Tensor], pack: bool) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    output = model.forward_with_head(crops, pack=pack)
+    output.square().mean().backward()
+    return {
+        "output": output.detach(),
+        **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    }
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_multicrop_forward_computes_the_same_function(checkpointing: bool) -> None:
+    torch.manual_seed(0)
+    model = DinoModel(tiny_config()).train()  # drop path 0: both layouts compute the same
+    if checkpointing:
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        assert model.backbone.gradient_checkpointing
+    crops = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(4)]
+    crops.append(torch.randn(3, 3, 24, 16))  # a third resolution, not square
+    separate = _multicrop_gradients(model, crops, pack=False)
+    packed = _multicrop_gradients(model, crops, pack=True)
+    assert separate.keys() == packed.keys()
+    scale = max(value.abs().max().item() for name, value in separate.items() if name != "output")
+    for name, value in separate.items():
+        # The key bias's true gradient is 0 (softmax ignores a constant per query): compare at the scale of the
+        # largest gradient there.
+        torch.testing.assert_close(packed[name], value, rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
+def test_packed_drop_path_keeps_or_drops_whole_crops() -> None:
+    from hf_dino.modeling_dino import packed_drop_path
+
+    torch.manual_seed(0)
+    segments = ((300, 5), (500, 2))
+    hidden = torch.ones(300 * 5 + 500 * 2, 4)
+    assert packed_drop_path(hidden, 0.3, training=False, segments=segments) is hidden
+    dropped = packed_drop_path(hidden, 0.3, training=True, segments=segments)
+    first, second = dropped[:1500].view(300, 5, 4), dropped[1500:].view(500, 2, 4)
+    for group in (first, second):
+        per_crop = group[:, 0, 0]
+        assert torch.equal(group, per_crop.view(-1, 1, 1).expand_as(group))  # one draw per crop
+        assert per_crop.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
+    kept = torch.cat([first[:, 0, 0], second[:, 0, 0]]).ne(0).float().mean().item()
+    assert kept == pytest.approx(0.7, abs=0.05)  # 800 crops: 3.5 standard deviations
+
+
+def test_packed_forward_needs_a_vit() -> None:
+    config = DinoConfig.from_preset(
+        "resnet18", hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], embedding_size=8, out_dim=16,
+        hidden_dim=16, bottleneck_dim=8,
+    )  # fmt: skip
+    model = DinoModel(config).eval()
+    crops = [torch.randn(1, 3, 64, 64), torch.randn(1, 3, 32, 32)]
+    assert model.forward_with_head(crops[:1], pack=True).shape == (1, 16)  # one resolution: nothing to pack
+    with pytest.raises(ValueError, match="needs a ViT"):
+        model.forward_with_head(crops, pack=True)
+
+
 def test_head_variants() -> None:
     for layers in (1, 2, 3):
         config = tiny_config(head_layers=layers, use_bn_in_head=True, norm_last_layer=False)

@@ -99,6 +99,23 @@ def read_metrics(output_dir: Path) -> list[dict]:
     return [record for record in map(json.loads, lines) if "loss" in record]
 
 
+def assert_trained_alike(
+    expected: DinoTrainer, actual: DinoTrainer, *, rtol: float, teacher_rtol: float, atol: float = 1e-6
+) -> None:
+    """The same per-step losses, center and teacher weights (two runs' trainers)."""
+    losses = [
+        [record["loss"] for record in read_metrics(trainer.arguments.output_dir)]
+        for trainer in (expected, actual)
+    ]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=rtol)
+    torch.testing.assert_close(actual.loss_fn.center, expected.loss_fn.center, rtol=rtol, atol=atol)
+    for (name, a), (_, b) in zip(
+        expected.unwrapped_teacher.model.state_dict().items(),
+        actual.unwrapped_teacher.model.state_dict().items(),
+    ):
+        torch.testing.assert_close(b, a, rtol=teacher_rtol, atol=1e-5, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- arguments
 
 
@@ -397,16 +414,21 @@ def test_gradient_accumulation_equals_one_full_batch(tmp_path):
     full = run(tiny_arguments(tmp_path / "full", batch_size=8, gradient_accumulation_steps=1, **common))
     halves = run(tiny_arguments(tmp_path / "halves", batch_size=4, gradient_accumulation_steps=2, **common))
     assert full.total_batch_size == halves.total_batch_size == 8 and full.step == halves.step == 4
-    torch.testing.assert_close(halves.loss_fn.center, full.loss_fn.center, rtol=1e-5, atol=1e-6)
-    for (name, a), (_, b) in zip(
-        full.unwrapped_teacher.model.state_dict().items(), halves.unwrapped_teacher.model.state_dict().items()
-    ):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
-    losses_full = [record["loss"] for record in read_metrics(tmp_path / "full")]
-    losses_halves = [record["loss"] for record in read_metrics(tmp_path / "halves")]
-    np.testing.assert_allclose(losses_halves, losses_full, rtol=1e-5)
+    assert_trained_alike(full, halves, rtol=1e-5, teacher_rtol=1e-4)
     # a different split of the batch gives another center: the comparison above is not vacuous
     assert not torch.allclose(full.loss_fn.center, torch.zeros_like(full.loss_fn.center))
+
+
+def test_packed_crops_train_like_one_pass_per_resolution(tmp_path):
+    # --pack-crops: the same losses, center and teacher (drop path 0; SGD, as above). A ResNet is refused.
+    common = dict(epochs=1, warmup_epochs=0, optimizer="sgd", lr=2.0)
+    separate = run(tiny_arguments(tmp_path / "separate", **common))
+    packed = run(tiny_arguments(tmp_path / "packed", pack_crops=True, **common))
+    assert packed.unwrapped_student.pack and not separate.unwrapped_student.pack
+    assert_trained_alike(separate, packed, rtol=1e-5, teacher_rtol=1e-4)
+    with pytest.raises(ValueError, match="--pack-crops needs a ViT"):
+        DinoTrainer(tiny_arguments(tmp_path / "resnet", arch="resnet18", model_config={}, pack_crops=True),
+                    train_dataset=fixed_crops()).setup()  # fmt: skip
 
 
 def fp16_with_loss_scaler(arguments: DinoTrainingArguments, scaler: torch.amp.GradScaler) -> DinoTrainer:
@@ -488,15 +510,7 @@ def test_compiled_step_matches_the_eager_step(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     frames = torch._dynamo.utils.counters["frames"]
     assert frames["ok"] == 1, dict(frames)  # one compilation: no recompiles as the temperature moves
-    losses_eager = [record["loss"] for record in read_metrics(tmp_path / "eager")]
-    losses_compiled = [record["loss"] for record in read_metrics(tmp_path / "compiled")]
-    np.testing.assert_allclose(losses_compiled, losses_eager, rtol=1e-4)
-    torch.testing.assert_close(compiled.loss_fn.center, eager.loss_fn.center, rtol=1e-4, atol=1e-6)
-    for (name, a), (_, b) in zip(
-        eager.unwrapped_teacher.model.state_dict().items(),
-        compiled.unwrapped_teacher.model.state_dict().items(),
-    ):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
+    assert_trained_alike(eager, compiled, rtol=1e-4, teacher_rtol=1e-3)
 
 
 def test_torch_compile_options_are_checked():

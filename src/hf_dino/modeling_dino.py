@@ -12,6 +12,7 @@ This file is copied next to saved checkpoints (remote code), so it imports nothi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,26 @@ def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> 
     keep_prob = 1.0 - drop_prob
     shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
     keep = torch.floor(keep_prob + torch.rand(shape, dtype=hidden_states.dtype, device=hidden_states.device))
+    return hidden_states.div(keep_prob) * keep
+
+
+def packed_drop_path(
+    hidden_states: torch.Tensor, drop_prob: float, training: bool, segments: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """`drop_path` on packed sequences `(sum B_i * T_i, D)`: one keep-or-drop draw per sequence (per crop), as
+    in the unpacked layout, spread over the sequence's tokens."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1.0 - drop_prob
+    dtype, device = hidden_states.dtype, hidden_states.device
+    keep = torch.cat(
+        [
+            torch.floor(keep_prob + torch.rand((batch, 1, 1), dtype=dtype, device=device))
+            .expand(batch, tokens, 1)
+            .reshape(batch * tokens, 1)
+            for batch, tokens in segments
+        ]
+    )
     return hidden_states.div(keep_prob) * keep
 
 
@@ -113,20 +134,26 @@ class DinoBlock(ViTLayer):
         self.recompute_gelu = config.hidden_act == "gelu"
         self.drop_path_rate = drop_path_rate
 
+    def qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(..., D)` -> `(..., 3D)`: queries, keys and values.
+
+        One projection (the original's fused qkv layer) from the three weights: one matrix product, and under
+        autocast one half-precision copy of the input kept for the backward, not three."""
+        module = self.attention
+        projections = (module.q_proj, module.k_proj, module.v_proj)
+        weight = torch.cat([projection.weight for projection in projections])
+        bias = None
+        if module.q_proj.bias is not None:
+            bias = torch.cat([projection.bias for projection in projections])
+        return F.linear(hidden_states, weight, bias)
+
     def self_attention(
         self, hidden_states: torch.Tensor, return_probabilities: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Multi-head self-attention; probabilities are only materialised when asked for."""
         batch, tokens, width = hidden_states.shape
         module = self.attention
-        # One projection to q, k and v (the original's fused qkv layer) from the three weights: one matrix
-        # product, and under autocast one half-precision copy of the input kept for the backward, not three.
-        projections = (module.q_proj, module.k_proj, module.v_proj)
-        weight = torch.cat([projection.weight for projection in projections])
-        bias = None
-        if module.q_proj.bias is not None:
-            bias = torch.cat([projection.bias for projection in projections])
-        qkv = F.linear(hidden_states, weight, bias).view(batch, tokens, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
         probabilities = None
         if return_probabilities:
@@ -138,21 +165,60 @@ class DinoBlock(ViTLayer):
         context = context.transpose(1, 2).reshape(batch, tokens, width)
         return module.o_proj(context), probabilities
 
+    def packed_self_attention(
+        self, hidden_states: torch.Tensor, segments: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Self-attention within each sequence of a packed `(sum B_i * T_i, D)` input.
+
+        One q/k/v projection for every token; each segment (B_i sequences of T_i tokens) attends on a view of
+        it, and goes through the output projection on its own, so that nothing but the projected result is
+        copied (the projection keeps the attention's own output for the backward)."""
+        module = self.attention
+        qkv = self.qkv(hidden_states)
+        outputs, start = [], 0
+        for batch, tokens in segments:
+            segment = qkv[start : start + batch * tokens].view(
+                batch, tokens, 3, self.num_heads, self.head_dim
+            )
+            query, key, value = segment.permute(2, 0, 3, 1, 4).unbind(0)
+            context = F.scaled_dot_product_attention(query, key, value).transpose(1, 2)
+            outputs.append(module.o_proj(context.reshape(batch * tokens, -1)))
+            start += batch * tokens
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
     def forward(  # type: ignore[override]
-        self, hidden_states: torch.Tensor, return_probabilities: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        return_probabilities: bool = False,
+        segments: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(B, T, D)` -> `((B, T, D), attention probabilities (B, heads, T, T) or None)`."""
+        """`(B, T, D)` -> `((B, T, D), attention probabilities (B, heads, T, T) or None)`.
+
+        With `segments` ((B_i, T_i) pairs), `hidden_states` is packed, `(sum B_i * T_i, D)`: sequences of
+        different lengths share every token-wise operation and attend within themselves (no probabilities)."""
         rate = self.drop_path_rate
-        attended, probabilities = self.self_attention(
-            self.layernorm_before(hidden_states), return_probabilities
-        )
-        hidden_states = hidden_states + drop_path(attended, rate, self.training)
+        if segments is None:
+            attended, probabilities = self.self_attention(
+                self.layernorm_before(hidden_states), return_probabilities
+            )
+            hidden_states = hidden_states + drop_path(attended, rate, self.training)
+        else:
+            if return_probabilities:
+                raise ValueError("packed sequences return no attention probabilities")
+            attended, probabilities = (
+                self.packed_self_attention(self.layernorm_before(hidden_states), segments),
+                None,
+            )
+            hidden_states = hidden_states + packed_drop_path(attended, rate, self.training, segments)
         hidden = self.mlp.fc1(self.layernorm_after(hidden_states))
         if self.recompute_gelu and torch.is_grad_enabled():
             mlp = GeluThenLinear.apply(hidden, self.mlp.fc2.weight, self.mlp.fc2.bias)
         else:
             mlp = self.mlp.fc2(self.activation(hidden))
-        hidden_states = hidden_states + drop_path(mlp, rate, self.training)
+        if segments is None:
+            hidden_states = hidden_states + drop_path(mlp, rate, self.training)
+        else:
+            hidden_states = hidden_states + packed_drop_path(mlp, rate, self.training, segments)
         return hidden_states, probabilities
 
 
@@ -258,6 +324,32 @@ class DinoVisionTransformer(nn.Module):
             if index >= depth - output_intermediate:
                 intermediate.append(self.layernorm(hidden_states))
         return self.layernorm(hidden_states), tuple(all_hidden_states), tuple(attentions), intermediate
+
+    def forward_packed(self, pixel_groups: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The CLS features of several batches of different resolutions in one pass over packed tokens.
+
+        Every group's tokens are packed into one `(sum B_i * (1 + N_i), D)` sequence: layer norms, projections,
+        the MLP and the residual additions run once for all groups, attention within each image.
+
+        Args:
+            pixel_groups: `(B_i, C, H_i, W_i)` batches.
+
+        Returns:
+            `[(B_i, D), ...]`: each group's CLS token after the final norm, as `forward(...)[0][:, 0]`.
+        """
+        embedded = [self.embed(pixels) for pixels in pixel_groups]
+        segments = tuple((tokens.shape[0], tokens.shape[1]) for tokens in embedded)
+        hidden_states = torch.cat([tokens.flatten(0, 1) for tokens in embedded])
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states, _ = checkpoint(layer, hidden_states, False, segments, use_reentrant=False)
+            else:
+                hidden_states, _ = layer(hidden_states, False, segments)
+        features, start = [], 0
+        for batch, tokens in segments:
+            features.append(hidden_states[start : start + batch * tokens : tokens])  # the CLS rows
+            start += batch * tokens
+        return list(self.layernorm(torch.cat(features)).split([batch for batch, _ in segments]))
 
 
 class WeightNormalizedLinear(nn.Module):
@@ -458,7 +550,9 @@ class DinoModel(DinoPreTrainedModel):
             return self.backbone(pixel_values)[0][:, 0]
         return self.backbone(pixel_values).pooler_output.flatten(1)
 
-    def forward_with_head(self, pixel_values: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def forward_with_head(
+        self, pixel_values: torch.Tensor | list[torch.Tensor], pack: bool = False
+    ) -> torch.Tensor:
         """Head logits for one batch or for a list of crops (the multi-crop forward used in training).
 
         Consecutive crops of the same resolution share one backbone pass; the head runs once on all of them
@@ -466,6 +560,9 @@ class DinoModel(DinoPreTrainedModel):
 
         Args:
             pixel_values: `(B, C, H, W)`, or a list of such tensors (crops may differ in size).
+            pack: ViT only: one backbone pass for all resolutions over packed tokens
+                (`DinoVisionTransformer.forward_packed`) instead of one pass per resolution. Same function;
+                fewer, larger operations. Stochastic depth draws its masks in another order.
 
         Returns:
             `(B * len(list), out_dim)`, crops in list order.
@@ -473,15 +570,19 @@ class DinoModel(DinoPreTrainedModel):
         crops = [pixel_values] if isinstance(pixel_values, torch.Tensor) else list(pixel_values)
         if not crops:
             raise ValueError("forward_with_head needs at least one crop")
-        features: list[torch.Tensor] = []
+        groups: list[torch.Tensor] = []
         start = 0
         while start < len(crops):
             end = start + 1
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            group = crops[start] if end == start + 1 else torch.cat(crops[start:end])
-            features.append(self.forward_features(group))
+            groups.append(crops[start] if end == start + 1 else torch.cat(crops[start:end]))
             start = end
+        if pack and len(groups) > 1:
+            self._require_vit("packed multi-crop forward")
+            features = self.backbone.forward_packed([self._check_pixel_values(group) for group in groups])
+        else:
+            features = [self.forward_features(group) for group in groups]
         return self.head(torch.cat(features) if len(features) > 1 else features[0])
 
     def last_self_attention(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -78,17 +78,19 @@ class MultiCropNetwork(nn.Module):
 
     Args:
         model: the `DinoModel` (backbone + head).
+        pack: one backbone pass for all resolutions over packed tokens (`DinoModel.forward_with_head`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pack: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.pack = pack
         # FSDP's transformer-based auto-wrap reads the blocks not to split from the wrapped module.
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """`[(B, C, H_i, W_i), ...]` -> `(len(crops) * B, out_dim)` head outputs, crops in order."""
-        return self.model.forward_with_head(crops)
+        return self.model.forward_with_head(crops, pack=self.pack)
 
 
 def build_model_config(arguments: DinoTrainingArguments, *, drop_path_rate: float | None = None) -> Any:
@@ -263,7 +265,9 @@ class DinoTrainer:
             self.loss_fn.center.copy_(initial_center.to(self.device))
 
         # ---- optimizer on the student; no weight decay on biases and 1-D parameters (official)
-        student = MultiCropNetwork(student_model)
+        if arguments.pack_crops and not self.model_config.is_vit:
+            raise ValueError("--pack-crops needs a ViT backbone; this recipe trains a ResNet")
+        student = MultiCropNetwork(student_model, pack=arguments.pack_crops)
         teacher = MultiCropNetwork(teacher_model)
         if accelerator.num_processes > 1 and self.device.type == "cuda" and _has_batch_norm(student):
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
