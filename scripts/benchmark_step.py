@@ -984,6 +984,10 @@ def run_benchmark(arguments: argparse.Namespace) -> dict[str, Any]:
         entry: dict[str, Any] = results["variants"].setdefault(name, {})
         try:
             graphs_before = dynamo_counts()
+            if device.type == "cuda":
+                _synchronize(device)
+                allocated_before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
             runner = build_variant(
                 name, source, preset=arguments.model, overrides=overrides, crop_sizes=crop_sizes,
@@ -995,6 +999,12 @@ def run_benchmark(arguments: argparse.Namespace) -> dict[str, Any]:
             runner.flush()
             _synchronize(device)
             entry["setup_and_warmup_seconds"] = time.perf_counter() - start
+            if device.type == "cuda":
+                # Everything this variant allocated while it was built, compiled, warmed up and (CUDA graphs)
+                # recorded, plus the input batch: an upper bound of its peak alone on the device, and the one
+                # figure that also covers the CUDA graphs' memory pool.
+                inputs = sum(crop.numel() * crop.element_size() for crop in batches[0])
+                entry["setup_peak_bytes"] = torch.cuda.max_memory_allocated(device) - allocated_before + inputs
             after = dynamo_counts()
             entry["compiled_graphs"] = after["graphs"] - graphs_before["graphs"]
             entry["graph_breaks"] = after["graph_breaks"] - graphs_before["graph_breaks"]
@@ -1071,6 +1081,10 @@ def run_benchmark(arguments: argparse.Namespace) -> dict[str, Any]:
             entry["profile"] = {"error": f"{type(error).__name__}: {error}"}
         write_json(arguments.json, results)
     baseline = results["variants"].get("baseline", {})
+    if baseline.get("setup_peak_bytes"):
+        for entry in results["variants"].values():
+            if entry.get("setup_peak_bytes"):
+                entry["setup_peak_over_baseline"] = entry["setup_peak_bytes"] / baseline["setup_peak_bytes"]
     if baseline.get("memory", {}).get("peak_bytes"):
         for entry in results["variants"].values():
             if entry.get("memory", {}).get("peak_bytes"):
@@ -1321,7 +1335,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"measured matmul peak {results['peak_flops']['flops_per_second'] / 1e12:.3f} TFLOP/s "
         f"({results['peak_flops']['dtype']})",
         f"{'variant':<22}{'img/s':>9}{'best':>9}{'img/CPUs':>9}{'x base':>8}{'paired':>8}{'x CPU':>7}{'MFU':>7}"
-        f"{'peak MiB':>10}{'syncs':>7}{'graphs':>7}{'recomp':>7}",
+        f"{'peak MiB':>10}{'setup MiB':>10}{'syncs':>7}{'graphs':>7}{'recomp':>7}",
     ]
     for name, entry in results["variants"].items():
         if "images_per_second" not in entry:
@@ -1335,7 +1349,8 @@ def format_table(results: dict[str, Any]) -> str:
             f"{entry.get('speedup_over_baseline', float('nan')):>8.2f}{entry.get('speedup_paired', float('nan')):>8.2f}"
             f"{entry.get('speedup_paired_cpu_time', float('nan')):>7.2f}"
             f"{100 * entry.get('mfu_vs_measured_matmul', float('nan')):>6.1f}%"
-            f"{(memory / 2**20 if memory else float('nan')):>10.0f}{syncs:>7}"
+            f"{(memory / 2**20 if memory else float('nan')):>10.0f}"
+            f"{entry.get('setup_peak_bytes', float('nan')) / 2**20:>10.0f}{syncs:>7}"
             f"{entry.get('compiled_graphs', 0):>7}{entry.get('recompiles_after_warmup', 0):>7}"
         )
     return "\n".join(lines)
