@@ -45,8 +45,10 @@ def arguments_for(output_dir: str, batch_size: int, **overrides):
     return tiny_arguments(Path(output_dir), **values)
 
 
-# The FSDP runs: a clipping threshold that the gradients exceed, a checkpoint halfway, an online k-NN.
-FSDP_OVERRIDES = dict(clip_grad=0.3, save_steps=4, eval_steps=4, knn_k=5)
+# The FSDP runs: a clipping threshold that the gradients exceed, a checkpoint halfway, an online k-NN, and packed
+# crops (the sharded blocks called with packed sequences; tests/test_training.py checks that packed crops train
+# like one pass per resolution, so the chain reaches the unpacked one-process run).
+FSDP_OVERRIDES = dict(clip_grad=0.3, save_steps=4, eval_steps=4, knn_k=5, pack_crops=True)
 
 
 def evaluation_data():

@@ -186,6 +186,12 @@ class DinoBlock(ViTLayer):
             start += batch * tokens
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
+    def drop_path(self, branch: torch.Tensor, segments: Sequence[tuple[int, int]] | None) -> torch.Tensor:
+        """This block's stochastic depth on a residual branch, packed or not."""
+        if segments is None:
+            return drop_path(branch, self.drop_path_rate, self.training)
+        return packed_drop_path(branch, self.drop_path_rate, self.training, segments)
+
     def forward(  # type: ignore[override]
         self,
         hidden_states: torch.Tensor,
@@ -196,29 +202,20 @@ class DinoBlock(ViTLayer):
 
         With `segments` ((B_i, T_i) pairs), `hidden_states` is packed, `(sum B_i * T_i, D)`: sequences of
         different lengths share every token-wise operation and attend within themselves (no probabilities)."""
-        rate = self.drop_path_rate
+        normed = self.layernorm_before(hidden_states)
         if segments is None:
-            attended, probabilities = self.self_attention(
-                self.layernorm_before(hidden_states), return_probabilities
-            )
-            hidden_states = hidden_states + drop_path(attended, rate, self.training)
+            attended, probabilities = self.self_attention(normed, return_probabilities)
+        elif return_probabilities:
+            raise ValueError("packed sequences return no attention probabilities")
         else:
-            if return_probabilities:
-                raise ValueError("packed sequences return no attention probabilities")
-            attended, probabilities = (
-                self.packed_self_attention(self.layernorm_before(hidden_states), segments),
-                None,
-            )
-            hidden_states = hidden_states + packed_drop_path(attended, rate, self.training, segments)
+            attended, probabilities = self.packed_self_attention(normed, segments), None
+        hidden_states = hidden_states + self.drop_path(attended, segments)
         hidden = self.mlp.fc1(self.layernorm_after(hidden_states))
         if self.recompute_gelu and torch.is_grad_enabled():
             mlp = GeluThenLinear.apply(hidden, self.mlp.fc2.weight, self.mlp.fc2.bias)
         else:
             mlp = self.mlp.fc2(self.activation(hidden))
-        if segments is None:
-            hidden_states = hidden_states + drop_path(mlp, rate, self.training)
-        else:
-            hidden_states = hidden_states + packed_drop_path(mlp, rate, self.training, segments)
+        hidden_states = hidden_states + self.drop_path(mlp, segments)
         return hidden_states, probabilities
 
 
