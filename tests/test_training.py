@@ -426,6 +426,7 @@ def test_packed_crops_train_like_one_pass_per_resolution(tmp_path):
     packed = run(tiny_arguments(tmp_path / "packed", pack_crops=True, **common))
     assert packed.unwrapped_student.pack and not separate.unwrapped_student.pack
     assert_trained_alike(separate, packed, rtol=1e-5, teacher_rtol=1e-4)
+    assert parse_arguments(["--pack-crops"]).pack_crops and not parse_arguments([]).pack_crops
     with pytest.raises(ValueError, match="--pack-crops needs a ViT"):
         DinoTrainer(tiny_arguments(tmp_path / "resnet", arch="resnet18", model_config={}, pack_crops=True),
                     train_dataset=fixed_crops()).setup()  # fmt: skip
