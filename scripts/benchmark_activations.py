@@ -99,10 +99,21 @@ def measure(arguments: argparse.Namespace, batch_size: int) -> dict:
     def state_of(*modules: torch.nn.Module) -> list[torch.Tensor]:
         return [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
 
+    def recomputing(gelu: bool, norms: bool) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            for block in student.backbone.layers:
+                block.recompute_gelu, block.recompute_norms = gelu, norms
+            return hf_dino_forward()
+
+        return run
+
     results = {}
     for name, run, modules in (
         ("baseline", baseline_forward, (baseline.student, baseline.teacher, baseline.loss_fn)),
-        ("hf_dino", hf_dino_forward, (student, teacher, loss_fn)),
+        # hf_dino's default, then with its recomputation levers switched off one after the other
+        ("hf_dino", recomputing(gelu=True, norms=True), (student, teacher, loss_fn)),
+        ("hf_dino, norms kept", recomputing(gelu=True, norms=False), (student, teacher, loss_fn)),
+        ("hf_dino, nothing recomputed", recomputing(gelu=False, norms=False), (student, teacher, loss_fn)),
     ):
         results[name] = saved_activation_bytes(run, state_of(*modules))
     return results
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, figures in results["variants"].items():
         figures["x_baseline_at_target_batch"] = figures["bytes_at_target_batch"] / base
         print(
-            f"  {name:10s} {figures['bytes_per_image'] / 2**20:7.1f} MiB per image + "
+            f"  {name:28s} {figures['bytes_per_image'] / 2**20:7.1f} MiB per image + "
             f"{figures['fixed_bytes'] / 2**20:6.1f} MiB fixed; at {target} images "
             f"{figures['bytes_at_target_batch'] / 2**30:6.2f} GiB = {figures['x_baseline_at_target_batch']:.2f}x "
             "the baseline"

@@ -22,7 +22,8 @@ Variants:
   fast-bf16           fast with bf16 autocast forced (the lever on CPUs with bf16 units).
   fast-packed         fast with the student's crops of both resolutions in one backbone pass over packed tokens
                       (`forward_with_head(..., pack=True)`); fast-packed-compile: the same compiled.
-  fast-no-<lever>     fast with one lever switched off: sdpa, fused-loss, foreach, fused-adamw, bf16.
+  fast-no-<lever>     fast with one lever switched off: sdpa, fused-loss, foreach, fused-adamw, bf16, recompute
+                      (the GELU and layer-norm outputs kept for the backward instead of recomputed).
 """
 
 from __future__ import annotations
@@ -273,6 +274,8 @@ class FastOptions:
         compile_mode: torch.compile mode ("default", "max-autotune-no-cudagraphs", "reduce-overhead").
         monitor: on-device collapse statistics every step, as hf_dino's loop records them.
         pack: the student's crops of both resolutions in one backbone pass over packed tokens.
+        recompute: the blocks recompute their GELU and layer-norm outputs in the backward instead of keeping
+            them (`GeluThenLinear`, `NormThenLinear`): less activation memory for one elementwise pass each.
     """
 
     precision: str = "fp32"
@@ -284,6 +287,7 @@ class FastOptions:
     compile_mode: str = "default"
     monitor: bool = True
     pack: bool = False
+    recompute: bool = True
 
 
 def pairwise_loss(
@@ -327,6 +331,9 @@ class FastTrainer:
         self.options = options
         self.device = source.head.last_layer.weight_v.device
         self.student = _copy_model(source, drop_path_rate).train()
+        if not options.recompute and self.student.config.is_vit:
+            for block in self.student.backbone.layers:
+                block.recompute_gelu = block.recompute_norms = False
         self.teacher = _copy_model(source, 0.0).train().requires_grad_(False)
         self.loss_fn = DinoLoss(source.config.out_dim).to(self.device)
         self.optimizer = build_optimizer(
@@ -626,7 +633,8 @@ def _detached(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def variant_names(device: torch.device) -> list[str]:
     names = ["baseline", "trainer", "trainer-compile", "fast", "fast-compile", "fast-bf16", "fast-packed"]
     names += ["fast-packed-compile"]
-    names += [f"fast-no-{lever}" for lever in ("sdpa", "fused-loss", "foreach", "fused-adamw", "bf16")]
+    levers = ("sdpa", "fused-loss", "foreach", "fused-adamw", "bf16", "recompute")
+    names += [f"fast-no-{lever}" for lever in levers]
     return names
 
 
@@ -650,6 +658,7 @@ def fast_options(name: str, device: torch.device, compile_mode: str) -> FastOpti
         "fast-no-foreach": {"foreach": False},
         "fast-no-fused-adamw": {"fused_adamw": False},
         "fast-no-bf16": {"precision": "fp32"},
+        "fast-no-recompute": {"recompute": False},
     }
     if name not in levers:
         raise ValueError(f"unknown variant {name!r}; known: {', '.join(variant_names(device))}")
@@ -1004,7 +1013,9 @@ def run_benchmark(arguments: argparse.Namespace) -> dict[str, Any]:
                 # recorded, plus the input batch: an upper bound of its peak alone on the device, and the one
                 # figure that also covers the CUDA graphs' memory pool.
                 inputs = sum(crop.numel() * crop.element_size() for crop in batches[0])
-                entry["setup_peak_bytes"] = torch.cuda.max_memory_allocated(device) - allocated_before + inputs
+                entry["setup_peak_bytes"] = (
+                    torch.cuda.max_memory_allocated(device) - allocated_before + inputs
+                )
             after = dynamo_counts()
             entry["compiled_graphs"] = after["graphs"] - graphs_before["graphs"]
             entry["graph_breaks"] = after["graph_breaks"] - graphs_before["graph_breaks"]

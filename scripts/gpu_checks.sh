@@ -9,7 +9,8 @@
 #   check.json                  fast path, packed crops and hf_dino's loop against the baseline on the same batch
 #                               (fp32, bf16)
 #   step_vit_small_10.json      ViT-S/16, 2x224 + 10x96, batch 64: baseline, loop, fast, fast with packed crops
-#                               and one-lever ablations, with the profiles of baseline, fast and fast-packed
+#                               and one-lever ablations (no-recompute: the activation levers' memory and cost),
+#                               with the profiles of baseline, fast and fast-packed
 #                               (device kernels by category)
 #   step_vit_small_10_compile.json   baseline; fast, fast with packed crops and hf_dino's loop with
 #                                    torch.compile reduce-overhead (CUDA graphs), with the fast paths' profiles
@@ -100,7 +101,7 @@ run check 90 $STEP --check --check-full --check-precision fp32,bf16 --model vit_
 # In order of what the performance issue still needs (the budget cuts the tail): the peak memory and the
 # ratios of the uncompiled step, with where its time goes (--profile: device kernels by category).
 run step_vit_small_10 150 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 --steps 5 \
-    --rounds 3 --variants baseline,trainer,fast,fast-packed,fast-no-sdpa,fast-no-fused-loss,fast-no-foreach,fast-no-fused-adamw,fast-no-bf16 \
+    --rounds 3 --variants baseline,trainer,fast,fast-packed,fast-no-recompute,fast-no-sdpa,fast-no-fused-loss,fast-no-foreach,fast-no-fused-adamw,fast-no-bf16 \
     --profile baseline,fast,fast-packed $TINY --json "$OUT/step_vit_small_10.json"
 # CUDA graphs through torch.compile (reduce-overhead) paid most on an H100 (3.4x the baseline); each compiled
 # variant took 75-80 s to compile and record there (packed crops: about a third less on a CPU). The profiles

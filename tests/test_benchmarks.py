@@ -19,6 +19,7 @@ import torch
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import benchmark_activations  # noqa: E402
 import benchmark_data  # noqa: E402
 import benchmark_learning  # noqa: E402
 import benchmark_step  # noqa: E402
@@ -284,6 +285,36 @@ def test_profile_categories_and_device_activity():
     durations, busy, count = benchmark_step.device_activity(events)
     assert durations == [("triton_poi_fused_add_0", 20e-6), ("nvjet_gemm", 40e-6), ("Memset (Device)", 10e-6)]
     assert busy == pytest.approx(60e-6) and count == 3
+
+
+def test_activation_count_matches_the_recomputed_tensors(tmp_path):
+    # ViT-Ti/16 on 2x32 + 2x16 crops: 2 x (1 + 4) + 2 x (1 + 1) = 14 student tokens per image, 12 blocks of width
+    # 192 and MLP width 768. Per token and block, recomputing the layer norms' outputs frees their two bf16
+    # copies and the two float32 statistics of each norm, 2 x (2 x 192 + 2 x 4) bytes; recomputing the GELU
+    # frees its bf16 output, 2 x 768 bytes. The count must find exactly that, per image.
+    output = tmp_path / "activations.json"
+    arguments = [
+        "--model",
+        "vit_tiny_patch16",
+        "--global-size",
+        "32",
+        "--local-size",
+        "16",
+        "--local-crops",
+        "2",
+    ]
+    assert benchmark_activations.main([*arguments, "--batch-sizes", "1,2", "--json", str(output)]) == 0
+    variants = json.loads(output.read_text())["variants"]
+    per_image = {name: figures["bytes_per_image"] for name, figures in variants.items()}
+    tokens_times_blocks = 14 * 12
+    assert per_image["hf_dino, norms kept"] - per_image["hf_dino"] == tokens_times_blocks * 2 * (
+        2 * 192 + 2 * 4
+    )
+    assert (
+        per_image["hf_dino, nothing recomputed"] - per_image["hf_dino, norms kept"]
+        == tokens_times_blocks * 2 * 768
+    )
+    assert per_image["hf_dino"] < 0.7 * per_image["baseline"]
 
 
 def test_check_command_prints_json(capsys):

@@ -243,36 +243,52 @@ def test_gradient_checkpointing_same_gradients() -> None:
         torch.testing.assert_close(a, b)
 
 
-def test_gelu_recomputed_in_the_backward_gives_the_plain_gradients() -> None:
-    from hf_dino.modeling_dino import GeluThenLinear
+def test_recomputing_functions_pass_gradcheck() -> None:
+    from hf_dino.modeling_dino import GeluThenLinear, NormThenLinear
 
     generator = torch.Generator().manual_seed(0)
-    inputs = [
-        torch.randn(3, 5, 8, generator=generator, dtype=torch.float64, requires_grad=True),
-        torch.randn(4, 8, generator=generator, dtype=torch.float64, requires_grad=True),
-        torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True),
-    ]
-    assert torch.autograd.gradcheck(GeluThenLinear.apply, inputs)
 
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    assert torch.autograd.gradcheck(GeluThenLinear.apply, (leaf(3, 5, 8), leaf(4, 8), leaf(4)))
+    norm_inputs = (leaf(3, 5, 8), leaf(8), leaf(8), 1e-6, leaf(4, 8), leaf(4))
+    assert torch.autograd.gradcheck(NormThenLinear.apply, norm_inputs)
+    hidden, norm_weight, norm_bias, eps, weight, bias = norm_inputs
+    expected = torch.nn.functional.linear(
+        torch.nn.functional.layer_norm(hidden, (8,), norm_weight, norm_bias, eps), weight, bias
+    )
+    torch.testing.assert_close(NormThenLinear.apply(*norm_inputs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("switch", ["recompute_gelu", "recompute_norms"])
+def test_recomputed_activations_give_the_plain_gradients(switch: str) -> None:
+    # The GELU (GeluThenLinear) and the layer norms' outputs (NormThenLinear) recomputed in the backward instead of
+    # kept: the same outputs and gradients, in float32 and under bfloat16 autocast, with the gradients in float32.
     torch.manual_seed(0)
     model = DinoModel(tiny_config()).train()
     images = torch.randn(4, 3, 32, 32)
-    for autocast in (False, True):  # float32, then bfloat16 autocast (half-precision hidden, float32 weights)
-        gradients = []
+    for autocast in (
+        False,
+        True,
+    ):  # float32, then bfloat16 autocast (half-precision products, float32 weights)
+        results = []
         for recompute in (True, False):
             for block in model.backbone.layers:
-                block.recompute_gelu = recompute
+                setattr(block, switch, recompute)
             model.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 output = model.forward_with_head(images)
             output.float().square().mean().backward()
-            gradients.append(
-                {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-            )
-        assert gradients[0].keys() == gradients[1].keys()
-        for name, value in gradients[1].items():
-            assert gradients[0][name].dtype == value.dtype == torch.float32
-            torch.testing.assert_close(gradients[0][name], value, rtol=1e-5, atol=1e-7, msg=name)
+            gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+            results.append((output.detach(), gradients))
+        (output, gradients), (plain_output, plain_gradients) = results
+        assert output.dtype == plain_output.dtype
+        torch.testing.assert_close(output, plain_output, rtol=0, atol=0)
+        assert gradients.keys() == plain_gradients.keys()
+        for name, value in plain_gradients.items():
+            assert gradients[name].dtype == value.dtype == torch.float32
+            torch.testing.assert_close(gradients[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_multicrop_forward_groups_resolutions(model: DinoModel) -> None:

@@ -11,6 +11,7 @@ This file is copied next to saved checkpoints (remote code), so it imports nothi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,6 +115,60 @@ class GeluThenLinear(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias
 
 
+class NormThenLinear(torch.autograd.Function):
+    """`linear(layer_norm(hidden), weight, bias)` that keeps only `hidden` and its per-token statistics for the
+    backward and recomputes the normalised tokens there.
+
+    The plain composition keeps the layer norm's input for its own backward and, for the linear layer's, the
+    normalised tokens (under autocast their half-precision copy): recomputing them is one elementwise pass and
+    drops a seventh of a ViT block's activation memory. Same operations, same dtypes as the plain path: the
+    norm in the input's dtype (float32 under autocast, which keeps layer norms in float32), the product in the
+    autocast dtype when autocast is on; the gradients come back in their parameters' dtypes.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        norm_weight: torch.Tensor,
+        norm_bias: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        normed, _, _ = torch.native_layer_norm(hidden, hidden.shape[-1:], norm_weight, norm_bias, eps)
+        device_type = hidden.device.type
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else normed.dtype
+        compute_weight = weight.to(dtype)
+        compute_bias = bias.to(dtype) if bias is not None else None
+        ctx.save_for_backward(hidden, norm_weight, norm_bias, compute_weight)
+        ctx.eps = eps
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        # The operands are in the product's dtype already; autocast must not cast them again.
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            return F.linear(normed.to(dtype), compute_weight, compute_bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden, norm_weight, norm_bias, compute_weight = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        grad_output = grad_output.to(compute_weight.dtype)
+        # The normalised tokens and their statistics again, by the same kernel as in the forward.
+        normed, mean, rstd = torch.native_layer_norm(
+            hidden, hidden.shape[-1:], norm_weight, norm_bias, ctx.eps
+        )
+        normed = normed.to(compute_weight.dtype)
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = (flat_grad.t() @ normed.reshape(-1, normed.shape[-1])).to(weight_dtype)
+        grad_bias = flat_grad.sum(0).to(bias_dtype) if bias_dtype is not None else None
+        grad_normed = (grad_output @ compute_weight).to(hidden.dtype)
+        grad_hidden, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_normed, hidden, hidden.shape[-1:], mean, rstd, norm_weight, norm_bias, [True, True, True]
+        )
+        return grad_hidden, grad_norm_weight, grad_norm_bias, None, grad_weight, grad_bias
+
+
 class DinoBlock(ViTLayer):
     """One pre-norm transformer block: transformers' `ViTLayer` (same parameter names), DINO's forward.
 
@@ -132,10 +187,12 @@ class DinoBlock(ViTLayer):
         self.activation = ACT2FN[config.hidden_act]
         # The exact (erf) GELU of ViTs: recomputed in the backward instead of kept (GeluThenLinear).
         self.recompute_gelu = config.hidden_act == "gelu"
+        # The layer norms' outputs too: recomputed in the backward from their inputs (NormThenLinear).
+        self.recompute_norms = True
         self.drop_path_rate = drop_path_rate
 
-    def qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`(..., D)` -> `(..., 3D)`: queries, keys and values.
+    def qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q, k and v projections as one `(3D, D)` weight and `(3D,)` bias.
 
         One projection (the original's fused qkv layer) from the three weights: one matrix product, and under
         autocast one half-precision copy of the input kept for the backward, not three."""
@@ -145,15 +202,24 @@ class DinoBlock(ViTLayer):
         bias = None
         if module.q_proj.bias is not None:
             bias = torch.cat([projection.bias for projection in projections])
-        return F.linear(hidden_states, weight, bias)
+        return weight, bias
+
+    def normed_linear(
+        self, norm: nn.LayerNorm, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`linear(norm(hidden_states))`; when gradients are recorded, the normalised tokens are recomputed in the
+        backward instead of kept (`NormThenLinear`)."""
+        if self.recompute_norms and torch.is_grad_enabled():
+            return NormThenLinear.apply(hidden_states, norm.weight, norm.bias, norm.eps, weight, bias)
+        return F.linear(norm(hidden_states), weight, bias)
 
     def self_attention(
-        self, hidden_states: torch.Tensor, return_probabilities: bool
+        self, qkv: torch.Tensor, return_probabilities: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Multi-head self-attention; probabilities are only materialised when asked for."""
-        batch, tokens, width = hidden_states.shape
+        """Multi-head self-attention on `(B, T, 3D)` projections; probabilities only materialised when asked for."""
+        batch, tokens, _ = qkv.shape
         module = self.attention
-        qkv = self.qkv(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim)
+        qkv = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
         probabilities = None
         if return_probabilities:
@@ -162,19 +228,16 @@ class DinoBlock(ViTLayer):
             context = probabilities @ value
         else:
             context = F.scaled_dot_product_attention(query, key, value)
-        context = context.transpose(1, 2).reshape(batch, tokens, width)
+        context = context.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         return module.o_proj(context), probabilities
 
-    def packed_self_attention(
-        self, hidden_states: torch.Tensor, segments: Sequence[tuple[int, int]]
-    ) -> torch.Tensor:
-        """Self-attention within each sequence of a packed `(sum B_i * T_i, D)` input.
+    def packed_self_attention(self, qkv: torch.Tensor, segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Self-attention within each sequence of packed `(sum B_i * T_i, 3D)` projections.
 
-        One q/k/v projection for every token; each segment (B_i sequences of T_i tokens) attends on a view of
-        it, and goes through the output projection on its own, so that nothing but the projected result is
-        copied (the projection keeps the attention's own output for the backward)."""
+        Each segment (B_i sequences of T_i tokens) attends on a view of the projections, and goes through the
+        output projection on its own, so that nothing but the projected result is copied (the projection keeps
+        the attention's own output for the backward)."""
         module = self.attention
-        qkv = self.qkv(hidden_states)
         outputs, start = [], 0
         for batch, tokens in segments:
             segment = qkv[start : start + batch * tokens].view(
@@ -202,15 +265,16 @@ class DinoBlock(ViTLayer):
 
         With `segments` ((B_i, T_i) pairs), `hidden_states` is packed, `(sum B_i * T_i, D)`: sequences of
         different lengths share every token-wise operation and attend within themselves (no probabilities)."""
-        normed = self.layernorm_before(hidden_states)
+        qkv = self.normed_linear(self.layernorm_before, hidden_states, *self.qkv_parameters())
         if segments is None:
-            attended, probabilities = self.self_attention(normed, return_probabilities)
+            attended, probabilities = self.self_attention(qkv, return_probabilities)
         elif return_probabilities:
             raise ValueError("packed sequences return no attention probabilities")
         else:
-            attended, probabilities = self.packed_self_attention(normed, segments), None
+            attended, probabilities = self.packed_self_attention(qkv, segments), None
         hidden_states = hidden_states + self.drop_path(attended, segments)
-        hidden = self.mlp.fc1(self.layernorm_after(hidden_states))
+        fc1 = self.mlp.fc1
+        hidden = self.normed_linear(self.layernorm_after, hidden_states, fc1.weight, fc1.bias)
         if self.recompute_gelu and torch.is_grad_enabled():
             mlp = GeluThenLinear.apply(hidden, self.mlp.fc2.weight, self.mlp.fc2.bias)
         else:

@@ -149,7 +149,7 @@ class DinoTrainingArguments:
         metadata=_option(
             "no, fp16 (with loss scaling, the original's --use_fp16), bf16, or auto (fp16 on CUDA as the "
             "official default, no elsewhere). NaN losses with fp16 (dino#58): use bf16, keep --clip-grad, or "
-            "lower --lr. On CPUs with bf16 instructions (AVX512-BF16, AMX) bf16 speeds the step up too (1.7-1.9x "
+            "lower --lr. On CPUs with bf16 instructions (AVX512-BF16, AMX) bf16 speeds the step up too (1.3x "
             "for ViT-Ti/16 on the CPU of benchmarks/README.md); fp16 has no effect on CPUs.",
             choices=("auto", "no", "fp16", "bf16"),
         ),
