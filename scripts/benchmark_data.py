@@ -12,11 +12,16 @@ on ~200 ImageNet-like JPEGs (about 500 x 375, quality 90) cut from scikit-image'
   hf_dino-workers         the same + the photometric stage per image on the CPU (`photometric_on="workers"`)
   hf_dino-cpu-batched     geometric per image + the photometric stage batched on the CPU (a CPU-only run)
   decode-only             hf_dino's decode alone, for reference
+  device-decode-worker    the worker's part when JPEGs are decoded on the accelerator: header, crop boxes, bytes
 
 With `--end-to-end` (meant for a GPU): DataLoader throughput of both pipelines with N workers, and the fast
 training step (scripts/benchmark_step.py) fed by real JPEG decoding (hf_dino pipeline, photometric on the
-device) against the same step on synthetic tensors already on the device; `--compile-mode MODE` compiles the
-step (with MODE) and the photometric stage.
+device) against the same step on synthetic tensors already on the device; between them, the step behind the
+photometric stage on uint8 crops already on the device (what the photometric stage costs without a loader), and
+the share of the real run spent waiting on the loader; and the JPEG-decoding-on-the-accelerator lever: workers
+that only read headers and draw crop boxes, the batch decoded on the device (`torchvision.io.decode_jpeg`, nvJPEG
+on CUDA) and cropped there (`MultiCropGeometric.crop_batch`); `--compile-mode MODE` compiles the step (with MODE) and
+the photometric stage.
 
 With `--photometric`: the photometric stage on a collated batch, eager and compiled: operations dispatched
 (each one at least a kernel launch on an accelerator) and CPU time per batch.
@@ -143,6 +148,70 @@ class HfDinoPipeline:
         return self.augmentation(image, seed=index)
 
 
+class DeviceDecodePipeline:
+    """The data worker when JPEGs are decoded on the accelerator: read the header for the size, draw the crop
+    boxes (`MultiCropGeometric.sample_boxes`), hand over the encoded bytes. Decoding (`decode_on_device`)
+    and cropping (`MultiCropGeometric.crop_batch`) happen on the device, for the whole batch at once.
+
+    Args:
+        config: the multi-crop settings.
+    """
+
+    def __init__(self, config: MultiCropConfig) -> None:
+        self.augmentation = MultiCropAugmentation(config, photometric_on="accelerator")
+
+    def __call__(self, data: bytes, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(io.BytesIO(data)) as image:  # the header only: no pixel is decoded here
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                raise ValueError(f"not a JPEG the device decoder takes ({image.format}, {image.mode})")
+            width, height = image.size
+        boxes = self.augmentation.geometric.sample_boxes(height, width, random.Random(index))
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return encoded, torch.tensor(boxes, dtype=torch.int64)
+
+
+def collate_encoded(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(list of B encoded images, (B, num_crops, 5) crop boxes)."""
+    return [encoded for encoded, _ in batch], torch.stack([boxes for _, boxes in batch])
+
+
+def decode_on_device(
+    encoded: Sequence[torch.Tensor], boxes: torch.Tensor, geometric: Any, device: torch.device
+) -> list[torch.Tensor]:
+    """Decode a batch of JPEGs on `device` (nvJPEG on CUDA, batched) and crop them there: uint8 crops."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
+    return geometric.crop_batch(images, boxes)
+
+
+def device_crop_agreement(
+    images: Sequence[bytes], config: MultiCropConfig, device: torch.device, count: int = 8
+) -> dict[str, Any]:
+    """Grey levels between the crops decoded and cut on `device` and hf_dino's CPU crops of the same boxes
+    (PIL decode at full size, torch's uint8 antialiased bicubic): the lever must not change the views."""
+    pipeline = DeviceDecodePipeline(config)
+    geometric = pipeline.augmentation.geometric
+    count = min(count, len(images))
+    batch = collate_encoded([pipeline(images[index], index) for index in range(count)])
+    on_device = decode_on_device(*batch, geometric, device)
+    differences = []
+    for index in range(count):
+        with Image.open(io.BytesIO(images[index])) as image:
+            reference = geometric(image.convert("RGB"), random.Random(index))
+        for crop, expected in zip(on_device, reference):
+            differences.append((crop[index].cpu().int() - expected.int()).abs().flatten())
+    differences = torch.cat(differences).float()
+    return {
+        "images": count,
+        "max_grey_levels": differences.max().item(),
+        "mean_grey_levels": differences.mean().item(),
+        "share_within_2_levels": (differences <= 2).float().mean().item(),
+    }
+
+
 class JpegViews(torch.utils.data.Dataset):
     """Map-style dataset of encoded JPEGs whose items are the multi-crop views made by `pipeline`."""
 
@@ -195,6 +264,7 @@ def per_core_benchmarks(
     pil = PILPipeline(config.local_crops_number)
     geometric = HfDinoPipeline(config, "accelerator")
     workers = HfDinoPipeline(config, "workers")
+    device_decode = DeviceDecodePipeline(config)
     photometric = geometric.augmentation.photometric
 
     def one_image(pipeline: Callable[[bytes, int], list[torch.Tensor]]) -> Callable[[int], int]:
@@ -223,6 +293,7 @@ def per_core_benchmarks(
         ("hf_dino-workers", one_image(workers)),
         ("hf_dino-cpu-batched", cpu_batched),
         ("decode-only", decode_only),
+        ("device-decode-worker", one_image(device_decode)),
     ):
         try:
             results[name] = per_core_rate(work, seconds)
@@ -287,7 +358,13 @@ def photometric_dispatch(config: MultiCropConfig, batch_size: int, device: torch
 # End to end (GPU)
 # ---------------------------------------------------------------------------------------------------------------
 def make_loader(
-    images: Sequence[bytes], pipeline: Callable, batch_size: int, workers: int, num_batches: int, pin: bool
+    images: Sequence[bytes],
+    pipeline: Callable,
+    batch_size: int,
+    workers: int,
+    num_batches: int,
+    pin: bool,
+    collate: Callable = collate_multicrop,
 ) -> torch.utils.data.DataLoader:
     # Sampling with replacement gives one long epoch: no pipeline drain at epoch ends with few files.
     sampler = torch.utils.data.RandomSampler(
@@ -301,7 +378,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_multicrop,
+        collate_fn=collate,
         pin_memory=pin,
         drop_last=True,
         prefetch_factor=4 if workers > 0 else None,
@@ -316,17 +393,22 @@ def loader_rate(
     workers: int,
     batches: int,
     device: torch.device,
+    device_decode: bool = False,
 ) -> dict[str, float]:
-    """Images/s of a DataLoader alone (batches moved to the device), after its first batch."""
-    loader = make_loader(images, pipeline, batch_size, workers, batches + 2, device.type == "cuda")
+    """Images/s of a DataLoader alone (batches moved to the device; with `device_decode`, decoded and cropped
+    there too), after its first batch."""
+    collate = collate_encoded if device_decode else collate_multicrop
+    loader = make_loader(images, pipeline, batch_size, workers, batches + 2, device.type == "cuda", collate)
     iterator = iter(loader)
     next(iterator)  # worker start-up
     start, done = time.perf_counter(), 0
-    for crops in iterator:
-        crops = [crop.to(device, non_blocking=True) for crop in crops]
+    for batch in iterator:
+        if device_decode:
+            crops = decode_on_device(*batch, pipeline.augmentation.geometric, device)
+        else:
+            crops = [crop.to(device, non_blocking=True) for crop in batch]
         done += crops[0].shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     return {"images_per_second": done / (time.perf_counter() - start), "images": done}
 
 
@@ -371,12 +453,38 @@ def end_to_end(
         benchmark_step._synchronize(device)
         return arguments.steps * arguments.batch_size / (time.perf_counter() - start)
 
-    def real_rate() -> float:
-        pipeline = HfDinoPipeline(config, "accelerator")
-        augmentation = pipeline.augmentation
-        if compile_mode:
-            augmentation.photometric.compile_apply(compile_mode)
-        generator = torch.Generator(device=device).manual_seed(0)
+    shared: dict[str, Any] = {}
+
+    def photometric_pipeline():
+        # One (compiled) photometric stage for every run below: compiled once.
+        if not shared:
+            shared["augmentation"] = HfDinoPipeline(config, "accelerator").augmentation
+            if compile_mode:
+                shared["augmentation"].photometric.compile_apply(compile_mode)
+        return shared["augmentation"], torch.Generator(device=device).manual_seed(0)
+
+    def photometric_rate() -> float:
+        """The step behind the photometric stage, on uint8 crops already on the device: no loader."""
+        augmentation, generator = photometric_pipeline()
+        crops = [
+            torch.randint(0, 256, (arguments.batch_size, 3, size, size), dtype=torch.uint8, device=device)
+            for size in crop_sizes
+        ]
+        for index in range(arguments.warmup + arguments.steps):
+            if index == arguments.warmup:
+                trainer.flush()
+                benchmark_step._synchronize(device)
+                start = time.perf_counter()
+            trainer.step(
+                augmentation.apply_on_device(crops, generator), benchmark_step.schedule_for(next(step))
+            )
+        trainer.flush()
+        benchmark_step._synchronize(device)
+        return arguments.steps * arguments.batch_size / (time.perf_counter() - start)
+
+    def real_rate(device_decode: bool) -> float:
+        augmentation, generator = photometric_pipeline()
+        pipeline = DeviceDecodePipeline(config) if device_decode else HfDinoPipeline(config, "accelerator")
         loader = make_loader(
             images,
             pipeline,
@@ -384,23 +492,38 @@ def end_to_end(
             arguments.workers,
             arguments.warmup + arguments.steps,
             device.type == "cuda",
+            collate_encoded if device_decode else collate_multicrop,
         )
-        start = None
-        for index, crops in enumerate(loader):
+        start, waited, batches = None, 0.0, iter(loader)
+        for index in range(arguments.warmup + arguments.steps):
             if index == arguments.warmup:
                 trainer.flush()
                 benchmark_step._synchronize(device)
                 start = time.perf_counter()
-            crops = [crop.to(device, non_blocking=True) for crop in crops]
+            before = time.perf_counter()
+            batch = next(batches)
+            if start is not None:
+                waited += time.perf_counter() - before
+            if device_decode:
+                crops = decode_on_device(*batch, augmentation.geometric, device)
+            else:
+                crops = [crop.to(device, non_blocking=True) for crop in batch]
             views = augmentation.apply_on_device(crops, generator)
             trainer.step(views, benchmark_step.schedule_for(next(step)))
         trainer.flush()
         benchmark_step._synchronize(device)
-        return arguments.steps * arguments.batch_size / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        # The share of the measured time the step waited on the loader: near 0 when the loader keeps up.
+        key = "real_device_decode_loader_wait_fraction" if device_decode else "real_loader_wait_fraction"
+        results[key] = waited / elapsed
+        return arguments.steps * arguments.batch_size / elapsed
 
     for name, function in (
         ("synthetic_images_per_second", synthetic_rate),
-        ("real_jpeg_images_per_second", real_rate),
+        ("synthetic_uint8_with_photometric_images_per_second", photometric_rate),
+        ("real_jpeg_images_per_second", lambda: real_rate(device_decode=False)),
+        # The JPEG-decoding-on-the-accelerator lever: the workers only read headers and draw crop boxes.
+        ("real_jpeg_device_decode_images_per_second", lambda: real_rate(device_decode=True)),
         ("synthetic_images_per_second_again", synthetic_rate),
     ):
         try:
@@ -417,14 +540,24 @@ def end_to_end(
         results["real_over_synthetic"] = results["real_jpeg_images_per_second"] / statistics.mean(
             synthetic_rates
         )
+    if synthetic_rates and "real_jpeg_device_decode_images_per_second" in results:
+        results["real_device_decode_over_synthetic"] = results[
+            "real_jpeg_device_decode_images_per_second"
+        ] / statistics.mean(synthetic_rates)
+    try:
+        results["device_decode_crops_vs_cpu"] = device_crop_agreement(images, config, device)
+    except Exception as error:
+        results["device_decode_crops_vs_cpu"] = {"error": f"{type(error).__name__}: {error}"}
     for name, pipeline in (
         ("loader_only_pil_baseline", PILPipeline(config.local_crops_number)),
         ("loader_only_hf_dino_geometric", HfDinoPipeline(config, "accelerator")),
+        ("loader_only_device_decode", DeviceDecodePipeline(config)),
     ):
         try:
             results[name] = loader_rate(
-                images, pipeline, arguments.batch_size, arguments.workers, arguments.loader_batches, device
-            )
+                images, pipeline, arguments.batch_size, arguments.workers, arguments.loader_batches, device,
+                device_decode=isinstance(pipeline, DeviceDecodePipeline),
+            )  # fmt: skip
         except Exception as error:
             results[name] = {"error": f"{type(error).__name__}: {error}"}
     return results
@@ -481,17 +614,31 @@ def format_table(results: dict[str, Any]) -> str:
         )
         for key in (
             "synthetic_images_per_second",
+            "synthetic_uint8_with_photometric_images_per_second",
             "real_jpeg_images_per_second",
+            "real_jpeg_device_decode_images_per_second",
             "synthetic_images_per_second_again",
         ):
             if key in end:
-                lines.append(f"  {key:<38}{end[key]:>10.1f}")
+                lines.append(f"  {key:<52}{end[key]:>10.1f}")
         if "real_over_synthetic" in end:
-            lines.append(f"  {'real / synthetic':<38}{end['real_over_synthetic']:>10.3f}")
-        for key in ("loader_only_pil_baseline", "loader_only_hf_dino_geometric"):
+            lines.append(f"  {'real / synthetic':<52}{end['real_over_synthetic']:>10.3f}")
+        if "real_device_decode_over_synthetic" in end:
+            value = end["real_device_decode_over_synthetic"]
+            lines.append(f"  {'real, decoded on the device / synthetic':<52}{value:>10.3f}")
+        for key in ("real_loader_wait_fraction", "real_device_decode_loader_wait_fraction"):
+            if key in end:
+                lines.append(f"  {key:<52}{end[key]:>10.3f}")
+        agreement = end.get("device_decode_crops_vs_cpu", {})
+        if "max_grey_levels" in agreement:
+            lines.append(
+                f"  {'device-decoded crops vs CPU crops (grey levels)':<52}max {agreement['max_grey_levels']:.0f}, "
+                f"mean {agreement['mean_grey_levels']:.3f}, {100 * agreement['share_within_2_levels']:.2f}% <= 2"
+            )
+        for key in ("loader_only_pil_baseline", "loader_only_hf_dino_geometric", "loader_only_device_decode"):
             entry = end.get(key, {})
             value = entry.get("images_per_second")
-            lines.append(f"  {key:<38}{value:>10.1f}" if value else f"  {key:<38}  {entry.get('error', '')}")
+            lines.append(f"  {key:<52}{value:>10.1f}" if value else f"  {key:<52}  {entry.get('error', '')}")
     return "\n".join(lines)
 
 

@@ -346,6 +346,7 @@ def test_benchmark_data_per_core_figures(tmp_path):
         "hf_dino-workers",
         "hf_dino-cpu-batched",
         "decode-only",
+        "device-decode-worker",
     ):
         assert results[name]["images_per_cpu_second"] > 0, results[name]
     assert results["pil-baseline"]["over_pil_baseline"] == 1.0
@@ -360,8 +361,21 @@ def test_benchmark_data_end_to_end_on_cpu(tmp_path):
     ] + [f"--override={key}={value}" for key, value in benchmark_step.TINY_OVERRIDES.items()]  # fmt: skip
     assert benchmark_data.main(arguments) == 0
     end = json.loads((tmp_path / "data.json").read_text())["end_to_end"]
-    for key in ("synthetic_images_per_second", "real_jpeg_images_per_second", "real_over_synthetic"):
+    for key in (
+        "synthetic_images_per_second",
+        "synthetic_uint8_with_photometric_images_per_second",
+        "real_jpeg_images_per_second",
+        "real_jpeg_device_decode_images_per_second",
+        "real_over_synthetic",
+        "real_device_decode_over_synthetic",
+    ):
         assert end[key] > 0, end
+    assert 0 <= end["real_loader_wait_fraction"] < 1, end
+    assert 0 <= end["real_device_decode_loader_wait_fraction"] < 1, end
+    # JPEGs decoded and cut as one batch (here on the CPU): the crops of hf_dino's per-image CPU path.
+    agreement = end["device_decode_crops_vs_cpu"]
+    assert agreement["share_within_2_levels"] > 0.99 and agreement["mean_grey_levels"] < 0.5, agreement
+    assert end["loader_only_device_decode"]["images_per_second"] > 0
     assert end["loader_only_pil_baseline"]["images_per_second"] > 0
     assert end["loader_only_hf_dino_geometric"]["images_per_second"] > 0
 
