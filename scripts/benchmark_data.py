@@ -180,11 +180,27 @@ def collate_encoded(
 def decode_on_device(
     encoded: Sequence[torch.Tensor], boxes: torch.Tensor, geometric: Any, device: torch.device
 ) -> list[torch.Tensor]:
-    """Decode a batch of JPEGs on `device` (nvJPEG on CUDA, batched) and crop them there: uint8 crops."""
+    """Decode a batch of JPEGs on `device` (nvJPEG on CUDA, batched) and crop them there: uint8 crops.
+
+    On CUDA the decode runs on a side stream: nvJPEG's hardware decoder writes its outputs before the work
+    queued on its stream has run, so on the training stream it can overwrite memory that queued kernels still
+    read (pytorch/vision#9606; here the loss became NaN after two steps). Outputs allocated on a side stream
+    never reuse the training stream's blocks."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    images = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
+    if device.type != "cuda":
+        return geometric.crop_batch(decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device), boxes)
+    stream = torch.cuda.current_stream(device)
+    side = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(side):
+        images = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
+    stream.wait_stream(side)
+    for image in images:
+        image.record_stream(stream)  # freed only once the training stream is done with it
     return geometric.crop_batch(images, boxes)
+
+
+_DECODE_STREAMS: dict[torch.device, Any] = {}
 
 
 def device_crop_agreement(
