@@ -407,3 +407,20 @@ def test_bad_inputs_raise_clear_errors(model: DinoModel) -> None:
 def test_registration() -> None:
     assert hf_dino.DinoModel is DinoModel
     assert isinstance(AutoConfig.for_model("dino"), DinoConfig)
+
+
+def test_patch_projection_is_the_convolution_as_one_matrix_product(model: DinoModel) -> None:
+    # Sizes that are not whole patches (the convolution drops the remainder), values and weight gradients.
+    backbone = model.backbone
+    projection = backbone.embeddings.patch_embeddings.projection
+    pixels = torch.randn(2, 3, 35, 42, generator=torch.Generator().manual_seed(0))
+    patches, height_patches, width_patches = backbone.patchify(pixels)
+    expected = projection(pixels)
+    assert (height_patches, width_patches) == tuple(expected.shape[-2:]) == (4, 5)
+    torch.testing.assert_close(patches, expected.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(patches)
+    (gradient,) = torch.autograd.grad((patches * upstream).sum(), projection.weight)
+    (expected_gradient,) = torch.autograd.grad(
+        (expected.flatten(2).transpose(1, 2) * upstream).sum(), projection.weight
+    )
+    torch.testing.assert_close(gradient, expected_gradient, atol=1e-4, rtol=1e-5)
