@@ -25,7 +25,6 @@ from hf_dino.augmentation import (
     gaussian_blur,
     gaussian_kernels,
     image_to_tensor,
-    resize_weights,
     sample_crop_parameters,
 )
 
@@ -226,51 +225,6 @@ def test_minimum_decode_size_keeps_enough_resolution():
     assert width < 1000 and height < 750
     # The smallest local crop box of the reduced image still has at least 96 pixels on its short side.
     assert math.sqrt(0.05 * width * height * 3 / 4) >= 96 - 1e-6
-
-
-@pytest.mark.parametrize(
-    "start, length, size, flip",
-    [(5, 33, 16, False), (0, 50, 16, True), (7, 9, 16, False), (3, 16, 16, True), (11, 1, 4, False)],
-)
-def test_resize_weights_are_torch_antialiased_bicubic(start, length, size, flip):
-    # Downscaling (stretched kernel cut at the crop's edges), upscaling, identity, one pixel; float input.
-    values = torch.rand(2, 60, generator=torch.Generator().manual_seed(0)) * 255
-    weights = resize_weights(torch.tensor(start), torch.tensor(length), size, 60, flips=torch.tensor(flip))
-    assert weights.shape == (size, 60)
-    assert torch.all(weights[:, :start] == 0) and torch.all(weights[:, start + length :] == 0)
-    region = values[:, start : start + length].reshape(1, 2, 1, length)
-    expected = torch.nn.functional.interpolate(region, size=(1, size), mode="bicubic", antialias=True)
-    expected = expected.reshape(2, size)
-    if flip:
-        expected = expected.flip(-1)
-    torch.testing.assert_close(values @ weights.T, expected, atol=1e-3, rtol=1e-5)
-
-
-def test_crop_batch_cuts_the_boxes_of_the_per_image_crops(monkeypatch):
-    # Two images of different sizes (padded to one batch), any boxes and flips: the batched matrices give the
-    # per-image crops of the same draws, up to the uint8 path's rounding between its two passes.
-    config = small_config(local_crops_number=4)
-    geometric = MultiCropGeometric(config)
-    images = [image_to_tensor(photo(80)), image_to_tensor(photo(64))[:, :50].contiguous()]
-    boxes = torch.tensor(
-        [geometric.sample_boxes(image.shape[1], image.shape[2], random.Random(seed)) for seed, image in
-         enumerate(images)]
-    )  # fmt: skip
-    assert boxes.shape == (2, 6, 5) and 0 < boxes[..., 4].sum() < 12  # some flipped, some not
-    crops = geometric.crop_batch(images, boxes)
-    assert [tuple(crop.shape) for crop in crops] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 4
-    for index, image in enumerate(images):
-        expected = geometric(image, random.Random(index))  # the same draws, in the same order
-        for crop, reference in zip(crops, expected):
-            difference = (crop[index].int() - reference.int()).abs()
-            assert crop.dtype == torch.uint8
-            assert difference.max() <= 6 and difference.float().mean() < 0.5, difference.max()
-    # Bounded intermediates: one image per product gives the same crops.
-    monkeypatch.setattr("hf_dino.augmentation.CROP_BATCH_ELEMENTS", 1)
-    for chunked, whole in zip(geometric.crop_batch(images, boxes), crops):
-        assert torch.equal(chunked, whole)
-    with pytest.raises(ValueError, match="bicubic"):
-        MultiCropGeometric(small_config(interpolation="bilinear")).crop_batch(images, boxes)
 
 
 # -- photometric stage

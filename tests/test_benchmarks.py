@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ import benchmark_step  # noqa: E402
 import dino_baseline  # noqa: E402
 
 from hf_dino import DinoConfig, DinoModel  # noqa: E402
+from hf_dino.augmentation import MultiCropConfig, MultiCropGeometric  # noqa: E402
 from hf_dino.loss import DinoLoss  # noqa: E402
 from hf_dino.training.optimization import clip_gradients_per_parameter, update_teacher  # noqa: E402
 
@@ -441,3 +444,52 @@ def test_fast_path_matches_the_baseline_on_cuda():
         for variant in ("fast", "trainer"):
             assert max(report[variant]["loss"]) < tolerance
             assert report[variant]["center"] < tolerance
+
+
+@pytest.mark.parametrize(
+    "start, length, size, flip",
+    [(5, 33, 16, False), (0, 50, 16, True), (7, 9, 16, False), (3, 16, 16, True), (11, 1, 4, False)],
+)
+def test_resize_weights_are_torch_antialiased_bicubic(start, length, size, flip):
+    # Downscaling (stretched kernel cut at the crop's edges), upscaling, identity, one pixel; float input.
+    values = torch.rand(2, 60, generator=torch.Generator().manual_seed(0)) * 255
+    weights = benchmark_data.resize_weights(
+        torch.tensor(start), torch.tensor(length), size, 60, flips=torch.tensor(flip)
+    )
+    assert weights.shape == (size, 60)
+    assert torch.all(weights[:, :start] == 0) and torch.all(weights[:, start + length :] == 0)
+    region = values[:, start : start + length].reshape(1, 2, 1, length)
+    expected = torch.nn.functional.interpolate(region, size=(1, size), mode="bicubic", antialias=True)
+    expected = expected.reshape(2, size)
+    if flip:
+        expected = expected.flip(-1)
+    torch.testing.assert_close(values @ weights.T, expected, atol=1e-3, rtol=1e-5)
+
+
+def test_crop_batch_cuts_the_boxes_of_the_per_image_crops(monkeypatch):
+    # Two images of different sizes (padded to one batch), any boxes and flips: the batched matrices give the
+    # per-image crops of the same draws, up to the uint8 path's rounding between its two passes.
+    config = MultiCropConfig(global_crop_size=32, local_crop_size=16, local_crops_number=4)
+    geometric = MultiCropGeometric(config)
+    photo = torch.from_numpy(np.asarray(benchmark_data.bundled_photos()[0])).permute(2, 0, 1)
+    images = [photo[:, :80, :90].contiguous(), photo[:, 100:150, 40:104].contiguous()]
+    boxes = torch.tensor(
+        [geometric.sample_boxes(image.shape[1], image.shape[2], random.Random(seed)) for seed, image in
+         enumerate(images)]
+    )  # fmt: skip
+    assert boxes.shape == (2, 6, 5) and 0 < boxes[..., 4].sum() < 12  # some flipped, some not
+    crops = benchmark_data.crop_batch(geometric, images, boxes)
+    assert [tuple(crop.shape) for crop in crops] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 4
+    for index, image in enumerate(images):
+        expected = geometric(image, random.Random(index))  # the same draws, in the same order
+        for crop, reference in zip(crops, expected):
+            difference = (crop[index].int() - reference.int()).abs()
+            assert crop.dtype == torch.uint8
+            assert difference.max() <= 6 and difference.float().mean() < 0.5, difference.max()
+    # Bounded intermediates: one image per product gives the same crops.
+    monkeypatch.setattr(benchmark_data, "CROP_BATCH_ELEMENTS", 1)
+    for chunked, whole in zip(benchmark_data.crop_batch(geometric, images, boxes), crops):
+        assert torch.equal(chunked, whole)
+    with pytest.raises(ValueError, match="bicubic"):
+        bilinear = MultiCropGeometric(MultiCropConfig(interpolation="bilinear", local_crops_number=4))
+        benchmark_data.crop_batch(bilinear, images, boxes)

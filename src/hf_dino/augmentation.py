@@ -52,8 +52,6 @@ GRAYSCALE_WEIGHTS = (0.2989, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 CropSize = int | tuple[int, int]
-# `MultiCropGeometric.crop_batch`: elements of one product's intermediate (512 MB in float32), to bound memory.
-CROP_BATCH_ELEMENTS = 2**27
 
 
 @dataclass
@@ -366,109 +364,6 @@ class MultiCropGeometric:
                 crop = crop.flip(-1)
             crops.append(crop[0])
         return crops
-
-    def crop_batch(self, images: Sequence[torch.Tensor], boxes: torch.Tensor) -> list[torch.Tensor]:
-        """The geometric stage on a batch of decoded images already on the device (e.g. JPEGs decoded there).
-
-        Each crop is one antialiased bicubic resampling matrix per axis (`resize_weights`), so a whole batch
-        of crops of one size is two batched matrix products over the zero-padded images: a few kernels for
-        the batch instead of several per crop. Bilinear interpolation is refused (the matrices are bicubic).
-
-        Args:
-            images: B uint8 tensors (C, H_i, W_i) on one device, C the same for all.
-            boxes: (B, num_crops, 5) integer tensor of `sample_boxes` rows.
-
-        Returns:
-            `config.num_crops` uint8 tensors (B, C, H, W) on the images' device, global crops first.
-        """
-        if self.config.interpolation != "bicubic":
-            raise ValueError("crop_batch resamples with bicubic matrices; the config asks for bilinear")
-        device = images[0].device
-        boxes = boxes.to(device)
-        padded = images[0].new_zeros(
-            (len(images), images[0].shape[0], max(image.shape[1] for image in images),
-             max(image.shape[2] for image in images))
-        )  # fmt: skip
-        for index, image in enumerate(images):
-            padded[index, :, : image.shape[1], : image.shape[2]] = image
-        # float16 on CUDA: tensor cores, exact for the 0-255 pixel values, outputs within about 0.2 grey
-        # levels of float32 (11-bit mantissa); float32 elsewhere, where half products are slow.
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        padded = padded.to(dtype)
-        crops: list[torch.Tensor] = []
-        start = 0
-        while start < len(self.specs):
-            size = self.specs[start][0]
-            stop = start + 1
-            while stop < len(self.specs) and self.specs[stop][0] == size:
-                stop += 1
-            # Images per product: the intermediate (b, k, C, h, W) stays under CROP_BATCH_ELEMENTS.
-            per_image = (stop - start) * padded.shape[1] * size[0] * max(padded.shape[2:])
-            chunk = max(1, CROP_BATCH_ELEMENTS // per_image)
-            parts = []
-            for first in range(0, len(images), chunk):
-                group = boxes[first : first + chunk, start:stop]  # (b, k, 5)
-                flips = group[..., 4].bool()
-                rows = resize_weights(group[..., 0], group[..., 2], size[0], padded.shape[2]).to(dtype)
-                columns = resize_weights(group[..., 1], group[..., 3], size[1], padded.shape[3], flips=flips)
-                columns = columns.to(dtype)
-                # (b, k, 1, h, H) @ (b, 1, C, H, W) @ (b, k, 1, W, w) -> (b, k, C, h, w)
-                resized = rows.unsqueeze(2) @ padded[first : first + chunk].unsqueeze(1)
-                resized = resized @ columns.unsqueeze(2).transpose(-1, -2)
-                parts.append(resized.round_().clamp_(0, 255).to(torch.uint8))
-            crops.extend(torch.cat(parts).unbind(1))
-            start = stop
-        return crops
-
-
-def _keys_cubic(distance: torch.Tensor, a: float = -0.5) -> torch.Tensor:
-    """Keys' cubic convolution kernel (a = -0.5, as PIL's and torch's antialiased bicubic)."""
-    distance = distance.abs()
-    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
-    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
-    return torch.where(distance < 1, near, torch.where(distance < 2, far, torch.zeros_like(distance)))
-
-
-def resize_weights(
-    starts: torch.Tensor,
-    lengths: torch.Tensor,
-    size: int,
-    extent: int,
-    *,
-    flips: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Resampling matrices of antialiased bicubic resizes along one axis, one per crop.
-
-    Row `o` of a crop's matrix holds the weights `F.interpolate(..., mode="bicubic", antialias=True)` (and
-    PIL's `resize(BICUBIC)`) gives the input pixels for output pixel `o` when the `lengths` pixels from
-    `starts` are resized to `size`: the kernel is stretched by the downscaling factor, cut at the crop's edges
-    and renormalised there. Columns outside the crop are zero, so the matrix applies to the whole (padded) axis.
-
-    Args:
-        starts, lengths: integer tensors of any shape `S`: each crop's first pixel and extent on this axis.
-        size: the output size on this axis.
-        extent: the length of the axis the matrices apply to (at least every `starts + lengths`).
-        flips: boolean tensor of shape `S`: reverse the output order (a horizontal flip on the width axis).
-
-    Returns:
-        float32 tensor `S + (size, extent)`.
-    """
-    lengths = lengths.to(torch.float64).unsqueeze(-1).unsqueeze(-1)  # (..., 1, 1)
-    starts = starts.to(torch.float64).unsqueeze(-1).unsqueeze(-1)
-    scale = lengths / size
-    stretch = scale.clamp(min=1.0)  # the kernel widens only when downscaling (antialiasing)
-    support = 2.0 * stretch  # bicubic reaches 2 pixels, times the stretch
-    outputs = torch.arange(size, dtype=torch.float64, device=lengths.device).unsqueeze(-1)  # (size, 1)
-    center = scale * (outputs + 0.5)  # (..., size, 1), in crop coordinates
-    first = torch.floor(center - support + 0.5).clamp(min=0.0)
-    last = torch.minimum(torch.floor(center + support + 0.5), lengths)  # exclusive
-    position = torch.arange(extent, dtype=torch.float64, device=lengths.device) - starts  # (..., 1, extent)
-    weights = _keys_cubic((position - center + 0.5) / stretch)
-    weights = torch.where((position >= first) & (position < last), weights, torch.zeros_like(weights))
-    weights = weights / weights.sum(-1, keepdim=True)
-    if flips is not None:
-        weights = torch.where(flips.unsqueeze(-1).unsqueeze(-1), weights.flip(-2), weights)
-    return weights.float()
 
 
 # ------------------------------------------------------------------------------------------------------------
