@@ -109,9 +109,9 @@ run check 90 $STEP --check --check-full --check-precision fp32,bf16 --model vit_
 run step_vit_small_10 150 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 --steps 5 \
     --rounds 3 --variants baseline,trainer,fast,fast-packed,fast-no-recompute,fast-no-sdpa,fast-no-fused-loss,fast-no-foreach,fast-no-fused-adamw,fast-no-bf16 \
     --profile baseline,fast,fast-packed $TINY --json "$OUT/step_vit_small_10.json"
-# CUDA graphs through torch.compile (reduce-overhead) paid most on an H100 (3.4x the baseline); each compiled
-# variant took 75-80 s to compile and record there (packed crops: about a third less on a CPU), and every variant
-# is built before the first timing round: the limit must cover all four. The profiles say how much of the step
+# CUDA graphs through torch.compile (reduce-overhead) paid most on an H100 (3.0x the baseline); each compiled
+# variant took 51-65 s to compile and record there (packed crops the least), and every variant is built before
+# the first timing round: the limit must cover all four (the four took 201 s). The profiles say how much of the step
 # the GPU is busy and in which kernels: what is left between the step and the hardware.
 run step_vit_small_10_compile 280 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 \
     --steps 5 --rounds 3 --variants baseline,fast-compile,fast-packed-compile,trainer-compile \
