@@ -331,9 +331,7 @@ class FastTrainer:
         self.options = options
         self.device = source.head.last_layer.weight_v.device
         self.student = _copy_model(source, drop_path_rate).train()
-        if not options.recompute and self.student.config.is_vit:
-            for block in self.student.backbone.layers:
-                block.recompute_gelu = block.recompute_norms = False
+        self.student.set_activation_recomputation(options.recompute)
         self.teacher = _copy_model(source, 0.0).train().requires_grad_(False)
         self.loss_fn = DinoLoss(source.config.out_dim).to(self.device)
         self.optimizer = build_optimizer(

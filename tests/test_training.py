@@ -432,6 +432,19 @@ def test_packed_crops_train_like_one_pass_per_resolution(tmp_path):
                     train_dataset=fixed_crops()).setup()  # fmt: skip
 
 
+def test_kept_activations_train_like_recomputed_ones(tmp_path):
+    # --recompute-activations false: the blocks keep their GELU and layer-norm outputs; the same training.
+    common = dict(epochs=1, warmup_epochs=0, optimizer="sgd", lr=2.0)
+    recomputed = run(tiny_arguments(tmp_path / "recomputed", **common))
+    kept = run(tiny_arguments(tmp_path / "kept", recompute_activations=False, **common))
+    blocks = [trainer.unwrapped_student.model.backbone.layers[0] for trainer in (recomputed, kept)]
+    assert blocks[0].recompute_norms and blocks[0].recompute_gelu
+    assert not blocks[1].recompute_norms and not blocks[1].recompute_gelu
+    assert_trained_alike(recomputed, kept, rtol=1e-5, teacher_rtol=1e-4)
+    assert parse_arguments(["--recompute-activations", "false"]).recompute_activations is False
+    assert parse_arguments([]).recompute_activations is True
+
+
 def fp16_with_loss_scaler(arguments: DinoTrainingArguments, scaler: torch.amp.GradScaler) -> DinoTrainer:
     """A trainer in accelerate's fp16 state (float16 autocast, a GradScaler), as on a GPU.
 

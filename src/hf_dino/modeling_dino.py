@@ -185,11 +185,15 @@ class DinoBlock(ViTLayer):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.activation = ACT2FN[config.hidden_act]
-        # The exact (erf) GELU of ViTs: recomputed in the backward instead of kept (GeluThenLinear).
-        self.recompute_gelu = config.hidden_act == "gelu"
-        # The layer norms' outputs too: recomputed in the backward from their inputs (NormThenLinear).
-        self.recompute_norms = True
+        self.exact_gelu = config.hidden_act == "gelu"
         self.drop_path_rate = drop_path_rate
+        self.set_recomputation(True)
+
+    def set_recomputation(self, enabled: bool) -> None:
+        """Recompute the exact GELU's output (`GeluThenLinear`) and the layer norms' outputs (`NormThenLinear`)
+        in the backward instead of keeping them for it: less activation memory for one more elementwise pass."""
+        self.recompute_gelu = enabled and self.exact_gelu
+        self.recompute_norms = enabled
 
     def qkv_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The q, k and v projections as one `(3D, D)` weight and `(3D,)` bias.
@@ -636,6 +640,15 @@ class DinoModel(DinoPreTrainedModel):
         if self.config.is_vit:
             return self.backbone(pixel_values)[0][:, 0]
         return self.backbone(pixel_values).pooler_output.flatten(1)
+
+    def set_activation_recomputation(self, enabled: bool) -> None:
+        """Whether the ViT blocks recompute their GELU and layer-norm outputs in the backward (the default) or
+        keep them. On one H100 (ViT-S/16, 2x224 + 10x96, batch 64, uncompiled) recomputing took the step's peak
+        memory from 0.77x to 0.56x an original-style baseline's and its throughput from 1.75x to 1.50x
+        (benchmarks/README.md). No effect on a ResNet."""
+        if self.config.is_vit:
+            for block in self.backbone.layers:
+                block.set_recomputation(enabled)
 
     def forward_with_head(
         self, pixel_values: torch.Tensor | list[torch.Tensor], pack: bool = False

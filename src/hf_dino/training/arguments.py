@@ -177,6 +177,15 @@ class DinoTrainingArguments:
             "(see benchmarks/README.md).",
         ),
     )
+    recompute_activations: bool = field(
+        default=True,
+        metadata=_option(
+            "ViT: recompute the blocks' GELU and layer-norm outputs in the backward instead of keeping them. "
+            "On one H100 (ViT-S/16, 2x224 + 10x96, batch 64, uncompiled) the step's peak memory went from "
+            "9.2 to 6.7 GiB and its throughput from 892 to 752 img/s; false trades the memory for the speed. "
+            "Under --torch-compile inductor decides for the layer norms itself.",
+        ),
+    )
     weight_decay: float = field(
         default=0.04,
         metadata=_option("Weight decay at step 0 (cosine to --weight-decay-end); none on 1-D params."),

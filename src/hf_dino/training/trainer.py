@@ -267,6 +267,7 @@ class DinoTrainer:
         # ---- optimizer on the student; no weight decay on biases and 1-D parameters (official)
         if arguments.pack_crops and not self.model_config.is_vit:
             raise ValueError("--pack-crops needs a ViT backbone; this recipe trains a ResNet")
+        student_model.set_activation_recomputation(arguments.recompute_activations)
         student = MultiCropNetwork(student_model, pack=arguments.pack_crops)
         teacher = MultiCropNetwork(teacher_model)
         if accelerator.num_processes > 1 and self.device.type == "cuda" and _has_batch_norm(student):
