@@ -51,7 +51,7 @@ SCRIPTS = Path(__file__).resolve().parent
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from benchmark_step import _synchronize, cpu_name  # noqa: E402
+from benchmark_step import _synchronize, cpu_name, device_activity  # noqa: E402
 from dino_baseline import PILMultiCrop  # noqa: E402
 
 from hf_dino.augmentation import MultiCropAugmentation, MultiCropConfig, MultiCropGeometric  # noqa: E402
@@ -467,16 +467,33 @@ def photometric_dispatch(config: MultiCropConfig, batch_size: int, device: torch
             stage(crops, torch.Generator(device=device).manual_seed(seed))
         entry: dict[str, Any] = {"setup_and_warmup_seconds": time.perf_counter() - start}
         _synchronize(device)
-        cpu_start = time.process_time()
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
         for seed in range(3):
             stage(crops, torch.Generator(device=device).manual_seed(seed))
         _synchronize(device)
         entry["cpu_ms_per_batch"] = (time.process_time() - cpu_start) / 3 * 1000
-        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        entry["wall_ms_per_batch"] = (time.perf_counter() - wall_start) / 3 * 1000
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as profiler:
             stage(crops, torch.Generator(device=device).manual_seed(5))
+            _synchronize(device)
         entry["aten_ops_per_batch"] = sum(
             event.count for event in profiler.key_averages() if event.key.startswith("aten::")
         )
+        if device.type == "cuda":
+            # What the stage costs the GPU, taken from the training step's time when both share it.
+            durations, busy, count = device_activity(profiler.events())
+            totals: dict[str, float] = {}
+            for kernel, seconds in durations:
+                totals[kernel] = totals.get(kernel, 0.0) + seconds
+            entry["device_busy_ms_per_batch"] = busy * 1000
+            entry["device_kernels_per_batch"] = count
+            entry["top_kernels_ms"] = [
+                [kernel[:120], seconds * 1000]
+                for kernel, seconds in sorted(totals.items(), key=lambda item: -item[1])[:8]
+            ]
         results[name] = entry
     return results
 
@@ -730,9 +747,16 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"photometric stage, batch {photometric['batch_size']} on {photometric['device']}:")
         for name in ("eager-subset", "eager-sync-free", "compiled"):
             entry = photometric[name]
-            lines.append(
-                f"  {name:<18}{entry['aten_ops_per_batch']:>7d} ops{entry['cpu_ms_per_batch']:>10.1f} CPU ms / batch"
-            )
+            line = f"  {name:<18}{entry['aten_ops_per_batch']:>7d} ops{entry['cpu_ms_per_batch']:>10.1f} CPU ms / batch"
+            line += f"{entry['wall_ms_per_batch']:>10.1f} wall ms"
+            if "device_busy_ms_per_batch" in entry:
+                line += (
+                    f"{entry['device_busy_ms_per_batch']:>10.2f} GPU-busy ms"
+                    f" ({entry['device_kernels_per_batch']} kernels)"
+                )
+            lines.append(line)
+            for kernel, milliseconds in entry.get("top_kernels_ms", []):
+                lines.append(f"      {milliseconds:8.3f} ms  {kernel[:90]}")
     end = results.get("end_to_end")
     if end:
         compiled = f", compiled ({end['compile_mode']})" if end.get("compile_mode") else ""

@@ -493,3 +493,14 @@ def test_crop_batch_cuts_the_boxes_of_the_per_image_crops(monkeypatch):
     with pytest.raises(ValueError, match="bicubic"):
         bilinear = MultiCropGeometric(MultiCropConfig(interpolation="bilinear", local_crops_number=4))
         benchmark_data.crop_batch(bilinear, images, boxes)
+
+
+@pytest.mark.slow
+def test_photometric_dispatch_counts_operations_eager_and_compiled():
+    # The compiled stage dispatches fewer operations per batch than either eager path (a CPU stands in).
+    config = MultiCropConfig(global_crop_size=32, local_crop_size=16, local_crops_number=2)
+    results = benchmark_data.photometric_dispatch(config, 2, torch.device("cpu"))
+    for name in ("eager-subset", "eager-sync-free", "compiled"):
+        assert results[name]["aten_ops_per_batch"] > 0 and results[name]["wall_ms_per_batch"] > 0
+    assert results["compiled"]["aten_ops_per_batch"] < results["eager-sync-free"]["aten_ops_per_batch"]
+    assert "photometric stage, batch 2" in benchmark_data.format_table({"photometric": results})
