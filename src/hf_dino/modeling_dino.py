@@ -355,10 +355,8 @@ class DinoVisionTransformer(nn.Module):
             patches = projection(pixel_values)  # not a patch projection: the convolution as it is
             return patches.flatten(2).transpose(1, 2), patches.shape[-2], patches.shape[-1]
         batch, channels, height, width = pixel_values.shape
-        height_patches, width_patches = (
-            height // patch_height,
-            width // patch_width,
-        )  # DinoModel checks both > 0
+        # DinoModel has checked that the image holds at least one patch each way
+        height_patches, width_patches = height // patch_height, width // patch_width
         pixels = pixel_values[:, :, : height_patches * patch_height, : width_patches * patch_width]
         # (B, C, h, ph, w, pw) -> (B, h, w, C, ph, pw): each patch flattened in the convolution weight's order
         pixels = pixels.reshape(batch, channels, height_patches, patch_height, width_patches, patch_width)

@@ -160,8 +160,8 @@ class DinoTrainingArguments:
             "torch.compile the forward passes and the loss (and the photometric augmentation, when it runs on "
             "the accelerator) with this mode: default, "
             "max-autotune-no-cudagraphs, or reduce-overhead (CUDA graphs; on one H100 the ViT-S/16 step of this "
-            "loop with 2x224 + 10x96 crops ran 1,487 img/s against 761 uncompiled, 2.9x the original-style "
-            "baseline, see benchmarks/README.md). Compiling takes "
+            "loop with 2x224 + 10x96 crops ran 2.9x an original-style baseline, 1,487 img/s, against 1.5x "
+            "uncompiled, see benchmarks/README.md). Compiling takes "
             "a minute or more at the start, and again after a resume; not under FSDP; reduce-overhead needs "
             "--gradient-accumulation-steps 1.",
             metavar="MODE",
