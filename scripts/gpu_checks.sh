@@ -9,7 +9,8 @@
 #   check.json                  fast path, packed crops and hf_dino's loop against the baseline on the same batch
 #                               (fp32, bf16)
 #   step_vit_small_10_compile.json   baseline; fast, fast with packed crops and hf_dino's loop with
-#                                    torch.compile reduce-overhead (CUDA graphs), with the fast paths' profiles
+#                                    torch.compile reduce-overhead (CUDA graphs), with their profiles
+#                                    (the loop ran 2% behind the fast step on an H100: where?)
 #   step_vit_small_10_b128_compile.json   the same recipe at batch 128: baseline and fast with packed crops and
 #                                    CUDA graphs
 #   data_compiled.json          end to end with the compiled step and photometric stage: synthetic crops, uint8
@@ -113,7 +114,7 @@ run check 90 $STEP --check --check-full --check-precision fp32,bf16 --model vit_
 # the GPU is busy and in which kernels: what is left between the step and the hardware.
 run step_vit_small_10_compile 280 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 \
     --steps 5 --rounds 3 --variants baseline,fast-compile,fast-packed-compile,trainer-compile \
-    --compile-mode reduce-overhead --profile fast-compile,fast-packed-compile $TINY \
+    --compile-mode reduce-overhead --profile fast-compile,fast-packed-compile,trainer-compile $TINY \
     --json "$OUT/step_vit_small_10_compile.json"
 # The same recipe at batch 128 (the activation levers leave room for it): the MFU target does not fix the batch.
 run step_vit_small_10_b128_compile 150 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 128 \
