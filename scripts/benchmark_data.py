@@ -178,7 +178,7 @@ def collate_encoded(
 
 
 def decode_on_device(
-    encoded: Sequence[torch.Tensor], boxes: torch.Tensor, geometric: Any, device: torch.device
+    encoded: Sequence[torch.Tensor], boxes: torch.Tensor, geometric: MultiCropGeometric, device: torch.device
 ) -> list[torch.Tensor]:
     """Decode a batch of JPEGs on `device` (nvJPEG on CUDA, batched) and crop them there: uint8 crops.
 
@@ -191,7 +191,9 @@ def decode_on_device(
     if device.type != "cuda":
         return crop_batch(geometric, decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device), boxes)
     stream = torch.cuda.current_stream(device)
-    side = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _DECODE_STREAMS[device]
     with torch.cuda.stream(side):
         images = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
     stream.wait_stream(side)
@@ -200,7 +202,7 @@ def decode_on_device(
     return crop_batch(geometric, images, boxes)
 
 
-_DECODE_STREAMS: dict[torch.device, Any] = {}
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 # `crop_batch`: elements of one product's intermediate (512 MB in float32), to bound memory.
@@ -597,19 +599,14 @@ def end_to_end(
         benchmark_step._synchronize(device)
         return arguments.steps * arguments.batch_size / (time.perf_counter() - start)
 
-    shared: dict[str, Any] = {}
-
-    def photometric_pipeline():
-        # One (compiled) photometric stage for every run below: compiled once.
-        if not shared:
-            shared["augmentation"] = HfDinoPipeline(config, "accelerator").augmentation
-            if compile_mode:
-                shared["augmentation"].photometric.compile_apply(compile_mode)
-        return shared["augmentation"], torch.Generator(device=device).manual_seed(0)
+    # One (compiled) photometric stage for every run below: compiled once, at its first call.
+    augmentation = MultiCropAugmentation(config, photometric_on="accelerator")
+    if compile_mode:
+        augmentation.photometric.compile_apply(compile_mode)
 
     def photometric_rate() -> float:
         """The step behind the photometric stage, on uint8 crops already on the device: no loader."""
-        augmentation, generator = photometric_pipeline()
+        generator = torch.Generator(device=device).manual_seed(0)
         crops = [
             torch.randint(0, 256, (arguments.batch_size, 3, size, size), dtype=torch.uint8, device=device)
             for size in crop_sizes
@@ -627,7 +624,7 @@ def end_to_end(
         return arguments.steps * arguments.batch_size / (time.perf_counter() - start)
 
     def real_rate(device_decode: bool) -> float:
-        augmentation, generator = photometric_pipeline()
+        generator = torch.Generator(device=device).manual_seed(0)
         pipeline = DeviceDecodePipeline(config) if device_decode else HfDinoPipeline(config, "accelerator")
         loader = make_loader(
             images,
