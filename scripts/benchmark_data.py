@@ -456,12 +456,17 @@ def photometric_dispatch(config: MultiCropConfig, batch_size: int, device: torch
         for size in sizes
     ]
     results: dict[str, Any] = {"batch_size": batch_size, "device": str(device)}
-    for name, sync_free, compiled in (
-        ("eager-subset", False, False),
-        ("eager-sync-free", True, False),
-        ("compiled", True, True),
+    # compiled-convolution: the blur as a depthwise convolution under torch.compile too (its default there is
+    # shifted multiply-adds, see `gaussian_blur`).
+    for name, sync_free, compiled, blur_method in (
+        ("eager-subset", False, False, None),
+        ("eager-sync-free", True, False, None),
+        ("compiled", True, True, None),
+        ("compiled-convolution", True, True, "convolution"),
     ):
         stage = MultiCropPhotometric(config, sync_free=sync_free).to(device)
+        for view in (stage.global_1, stage.global_2, stage.local):
+            view.blur_method = blur_method
         start = time.perf_counter()
         if compiled:
             stage.compile_apply()
@@ -573,7 +578,7 @@ def end_to_end(
     with torch.device(device):
         source = DinoModel(model_config).train()
     compile_mode = arguments.compile_mode
-    variant = "fast-compile" if compile_mode else "fast"
+    variant = arguments.variant or ("fast-compile" if compile_mode else "fast")
     trainer = benchmark_step.FastTrainer(
         source, benchmark_step.fast_options(variant, device, compile_mode or "default")
     )
@@ -584,47 +589,43 @@ def end_to_end(
         "batch_size": arguments.batch_size,
         "model": arguments.model,
         "compile_mode": compile_mode,  # the step, and the photometric stage (without CUDA graphs)
+        "variant": variant,
     }
     step = iter(range(10**9))
 
-    def synthetic_rate() -> float:
-        for _ in range(arguments.warmup):
-            trainer.step(synthetic[0], benchmark_step.schedule_for(next(step)))
-        trainer.flush()
-        benchmark_step._synchronize(device)
-        start = time.perf_counter()
-        for index in range(arguments.steps):
-            trainer.step(synthetic[index % 2], benchmark_step.schedule_for(next(step)))
-        trainer.flush()
-        benchmark_step._synchronize(device)
-        return arguments.steps * arguments.batch_size / (time.perf_counter() - start)
-
-    # One (compiled) photometric stage for every run below: compiled once, at its first call.
-    augmentation = MultiCropAugmentation(config, photometric_on="accelerator")
-    if compile_mode:
-        augmentation.photometric.compile_apply(compile_mode)
-
-    def photometric_rate() -> float:
-        """The step behind the photometric stage, on uint8 crops already on the device: no loader."""
-        generator = torch.Generator(device=device).manual_seed(0)
-        crops = [
-            torch.randint(0, 256, (arguments.batch_size, 3, size, size), dtype=torch.uint8, device=device)
-            for size in crop_sizes
-        ]
+    def timed(batches: Callable[[int], list[torch.Tensor]]) -> float:
+        """`--warmup` untimed steps, then images/s over `--steps` steps; batch `index` comes from `batches`."""
         for index in range(arguments.warmup + arguments.steps):
             if index == arguments.warmup:
                 trainer.flush()
                 benchmark_step._synchronize(device)
                 start = time.perf_counter()
-            trainer.step(
-                augmentation.apply_on_device(crops, generator), benchmark_step.schedule_for(next(step))
-            )
+            trainer.step(batches(index), benchmark_step.schedule_for(next(step)))
         trainer.flush()
         benchmark_step._synchronize(device)
         return arguments.steps * arguments.batch_size / (time.perf_counter() - start)
 
+    def synthetic_rate() -> float:
+        return timed(lambda index: synthetic[index % 2])
+
+    # One (compiled) photometric stage for every run below: compiled once, at its first call.
+    augmentation = MultiCropAugmentation(config, photometric_on="accelerator")
+    if compile_mode:
+        augmentation.photometric.compile_apply(compile_mode)
+    generator = torch.Generator(device=device).manual_seed(0)
+    uint8_crops = [
+        torch.randint(0, 256, (arguments.batch_size, 3, size, size), dtype=torch.uint8, device=device)
+        for size in crop_sizes
+    ]
+
+    def photometric_rate() -> float:
+        """The step behind the photometric stage, on uint8 crops already on the device: no loader."""
+        return timed(lambda index: augmentation.apply_on_device(uint8_crops, generator))
+
+    waits: dict[str, list[float]] = {"real": [], "real_device_decode": []}
+
     def real_rate(device_decode: bool) -> float:
-        generator = torch.Generator(device=device).manual_seed(0)
+        """A fresh loader (its workers started before the warm-up steps): the loader's own pace after them."""
         pipeline = DeviceDecodePipeline(config) if device_decode else HfDinoPipeline(config, "accelerator")
         loader = make_loader(
             images,
@@ -635,56 +636,69 @@ def end_to_end(
             device.type == "cuda",
             collate_encoded if device_decode else collate_multicrop,
         )
-        start, waited, batches = None, 0.0, iter(loader)
-        for index in range(arguments.warmup + arguments.steps):
-            if index == arguments.warmup:
-                trainer.flush()
-                benchmark_step._synchronize(device)
-                start = time.perf_counter()
+        batches, waited = iter(loader), [0.0]
+
+        def next_views(index: int) -> list[torch.Tensor]:
             before = time.perf_counter()
             batch = next(batches)
-            if start is not None:
-                waited += time.perf_counter() - before
+            if index >= arguments.warmup:
+                waited[0] += time.perf_counter() - before
             if device_decode:
                 crops = decode_on_device(*batch, augmentation.geometric, device)
             else:
                 crops = [crop.to(device, non_blocking=True) for crop in batch]
-            views = augmentation.apply_on_device(crops, generator)
-            trainer.step(views, benchmark_step.schedule_for(next(step)))
-        trainer.flush()
-        benchmark_step._synchronize(device)
-        elapsed = time.perf_counter() - start
-        # The share of the measured time the step waited on the loader: near 0 when the loader keeps up.
-        key = "real_device_decode_loader_wait_fraction" if device_decode else "real_loader_wait_fraction"
-        results[key] = waited / elapsed
-        return arguments.steps * arguments.batch_size / elapsed
+            return augmentation.apply_on_device(crops, generator)
 
-    for name, function in (
-        ("synthetic_images_per_second", synthetic_rate),
-        ("synthetic_uint8_with_photometric_images_per_second", photometric_rate),
-        ("real_jpeg_images_per_second", lambda: real_rate(device_decode=False)),
-        # The JPEG-decoding-on-the-accelerator lever: the workers only read headers and draw crop boxes.
-        ("real_jpeg_device_decode_images_per_second", lambda: real_rate(device_decode=True)),
-        ("synthetic_images_per_second_again", synthetic_rate),
-    ):
-        try:
-            results[name] = function()
-        except Exception as error:
-            results[f"{name}_error"] = f"{type(error).__name__}: {error}"
-            results[f"{name}_traceback"] = traceback.format_exc(limit=6)
-    synthetic_rates = [
-        results[key]
-        for key in ("synthetic_images_per_second", "synthetic_images_per_second_again")
-        if key in results
-    ]
-    if synthetic_rates and "real_jpeg_images_per_second" in results:
-        results["real_over_synthetic"] = results["real_jpeg_images_per_second"] / statistics.mean(
-            synthetic_rates
+        rate = timed(next_views)
+        # The share of the timed steps spent waiting on the loader: near 0 when the loader keeps up.
+        waits["real_device_decode" if device_decode else "real"].append(
+            waited[0] * rate / (arguments.steps * arguments.batch_size)
         )
-    if synthetic_rates and "real_jpeg_device_decode_images_per_second" in results:
-        results["real_device_decode_over_synthetic"] = results[
-            "real_jpeg_device_decode_images_per_second"
-        ] / statistics.mean(synthetic_rates)
+        return rate
+
+    # Interleaved rounds (synthetic, photometric, real, synthetic, ...): every ratio pairs runs of one round, so
+    # that a drift of the machine (clocks, a late compilation, the host) moves both sides of it.
+    kinds = {
+        "synthetic": synthetic_rate,
+        "synthetic_uint8_with_photometric": photometric_rate,
+        "real_jpeg": lambda: real_rate(device_decode=False),
+    }
+    rounds: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for _ in range(arguments.rounds):
+        for kind, function in kinds.items():
+            try:
+                rounds[kind].append(function())
+            except Exception as error:
+                results[f"{kind}_error"] = f"{type(error).__name__}: {error}"
+                results[f"{kind}_traceback"] = traceback.format_exc(limit=6)
+    results["rounds_images_per_second"] = rounds
+    for kind, rates in rounds.items():
+        if rates:
+            results[f"{kind}_images_per_second"] = statistics.median(rates)
+    if waits["real"]:
+        results["real_loader_wait_fraction"] = statistics.mean(waits["real"])
+
+    def paired(numerator: str, denominator: str) -> float:
+        return statistics.median(a / b for a, b in zip(rounds[numerator], rounds[denominator], strict=False))
+
+    if rounds["real_jpeg"] and rounds["synthetic"]:
+        results["real_over_synthetic"] = paired("real_jpeg", "synthetic")
+    if rounds["synthetic_uint8_with_photometric"] and rounds["synthetic"]:
+        # What the photometric stage on the device costs the step, without any loader.
+        results["photometric_over_synthetic"] = paired("synthetic_uint8_with_photometric", "synthetic")
+    if rounds["real_jpeg"] and rounds["synthetic_uint8_with_photometric"]:
+        # What the loader costs beyond that: near 1 when the workers keep up.
+        results["real_over_photometric"] = paired("real_jpeg", "synthetic_uint8_with_photometric")
+    # The JPEG-decoding-on-the-accelerator lever (the workers only read headers and draw crop boxes), against
+    # a synthetic run right after it.
+    try:
+        device_decode = real_rate(device_decode=True)
+        results["real_jpeg_device_decode_images_per_second"] = device_decode
+        results["real_device_decode_loader_wait_fraction"] = waits["real_device_decode"][0]
+        results["real_device_decode_over_synthetic"] = device_decode / synthetic_rate()
+    except Exception as error:
+        results["real_jpeg_device_decode_error"] = f"{type(error).__name__}: {error}"
+        results["real_jpeg_device_decode_traceback"] = traceback.format_exc(limit=6)
     try:
         results["device_decode_crops_vs_cpu"] = device_crop_agreement(images, config, device)
     except Exception as error:
@@ -742,7 +756,7 @@ def format_table(results: dict[str, Any]) -> str:
     photometric = results.get("photometric")
     if photometric:
         lines.append(f"photometric stage, batch {photometric['batch_size']} on {photometric['device']}:")
-        for name in ("eager-subset", "eager-sync-free", "compiled"):
+        for name in ("eager-subset", "eager-sync-free", "compiled", "compiled-convolution"):
             entry = photometric[name]
             line = f"  {name:<18}{entry['aten_ops_per_batch']:>7d} ops{entry['cpu_ms_per_batch']:>10.1f} CPU ms / batch"
             line += f"{entry['wall_ms_per_batch']:>10.1f} wall ms"
@@ -758,19 +772,24 @@ def format_table(results: dict[str, Any]) -> str:
     if end:
         compiled = f", compiled ({end['compile_mode']})" if end.get("compile_mode") else ""
         lines.append(
-            f"end to end, {end['workers']} workers, batch {end['batch_size']}, {end['model']}{compiled}:"
+            f"end to end, {end['workers']} workers, batch {end['batch_size']}, {end['model']}, "
+            f"{end.get('variant', 'fast')}{compiled}:"
         )
         for key in (
             "synthetic_images_per_second",
             "synthetic_uint8_with_photometric_images_per_second",
             "real_jpeg_images_per_second",
             "real_jpeg_device_decode_images_per_second",
-            "synthetic_images_per_second_again",
         ):
             if key in end:
                 lines.append(f"  {key:<52}{end[key]:>10.1f}")
-        if "real_over_synthetic" in end:
-            lines.append(f"  {'real / synthetic':<52}{end['real_over_synthetic']:>10.3f}")
+        for key, label in (
+            ("real_over_synthetic", "real / synthetic (median of rounds)"),
+            ("photometric_over_synthetic", "photometric only / synthetic"),
+            ("real_over_photometric", "real / photometric only"),
+        ):
+            if key in end:
+                lines.append(f"  {label:<52}{end[key]:>10.3f}")
         if "real_device_decode_over_synthetic" in end:
             value = end["real_device_decode_over_synthetic"]
             lines.append(f"  {'real, decoded on the device / synthetic':<52}{value:>10.3f}")
@@ -822,7 +841,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3, help="Untimed end-to-end steps.")
-    parser.add_argument("--steps", type=int, default=20, help="Timed end-to-end steps.")
+    parser.add_argument("--steps", type=int, default=20, help="Timed end-to-end steps per round.")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="End-to-end rounds, each timing synthetic, photometric and real.",
+    )
     parser.add_argument(
         "--loader-batches", type=int, default=10, help="Batches timed for the loader-only rates."
     )
@@ -830,6 +855,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-mode",
         default=None,
         help="End to end: torch.compile the step with this mode and the photometric stage (default: eager).",
+    )
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="End to end: the step, a fast* variant of scripts/benchmark_step.py (default: fast, or "
+        "fast-compile with --compile-mode).",
     )
     parser.add_argument(
         "--photometric",

@@ -15,7 +15,8 @@ Variants:
   baseline            scripts/dino_baseline.py: the original's step (eager attention, fp16 + GradScaler on CUDA,
                       22 log-softmaxes, per-tensor clipping with host syncs, Python-loop EMA, for-loop AdamW).
   trainer             hf_dino's own loop step (`DinoTrainer._training_step`, accelerate, bf16 on CUDA).
-  trainer-compile     the same with `--torch-compile MODE` (the --compile-mode of this script).
+  trainer-compile     the same with `--torch-compile MODE` (the --compile-mode of this script); trainer-packed:
+                      with `--pack-crops`; -no-recompute: with `--recompute-activations false`.
   fast                the same step built from hf_dino's public pieces (DinoModel.forward_with_head with SDPA,
                       DinoLoss, foreach clipping and EMA, fused AdamW, on-device metrics; bf16 on CUDA).
   fast-compile        fast + torch.compile of the forward passes and the loss.
@@ -23,7 +24,8 @@ Variants:
   fast-packed         fast with the student's crops of both resolutions in one backbone pass over packed tokens
                       (`forward_with_head(..., pack=True)`); fast-packed-compile: the same compiled.
   fast-no-<lever>     fast with one lever switched off: sdpa, fused-loss, foreach, fused-adamw, bf16, recompute
-                      (the GELU and layer-norm outputs kept for the backward instead of recomputed).
+                      (the GELU and layer-norm outputs kept for the backward instead of recomputed). The parts
+                      compose: fast-packed-compile-no-recompute, trainer-packed-compile, ...
 """
 
 from __future__ import annotations
@@ -455,6 +457,7 @@ class LoopTrainer:
         batch_size: images per step.
         precision: "fp32" or "bf16".
         clip_grad, drop_path_rate: as `FastTrainer`.
+        torch_compile, pack_crops, recompute_activations: the training arguments of those names.
     """
 
     def __init__(
@@ -469,6 +472,8 @@ class LoopTrainer:
         clip_grad: float = 3.0,
         drop_path_rate: float = STUDENT_DROP_PATH,
         torch_compile: str | None = None,
+        pack_crops: bool = False,
+        recompute_activations: bool = True,
     ) -> None:
         from hf_dino.training import DinoTrainer, DinoTrainingArguments
         from hf_dino.training.data_pipeline import PrecomputedCrops
@@ -486,6 +491,8 @@ class LoopTrainer:
             model_config=model_config,
             mixed_precision={"bf16": "bf16", "fp32": "no"}[precision],
             torch_compile=torch_compile,
+            pack_crops=pack_crops,
+            recompute_activations=recompute_activations,
             clip_grad=clip_grad,
             batch_size=batch_size,
             freeze_last_layer=0,
@@ -628,39 +635,70 @@ def _detached(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------------------------
+LEVERS = {
+    "sdpa": {"sdpa": False},
+    "fused-loss": {"fused_loss": False},
+    "foreach": {"foreach": False},
+    "fused-adamw": {"fused_adamw": False},
+    "bf16": {"precision": "fp32"},
+    "recompute": {"recompute": False},
+}
+
+
 def variant_names(device: torch.device) -> list[str]:
+    """The variants every run knows; a `fast*` name also takes any `-no-<lever>` suffix (see `fast_options`)."""
     names = ["baseline", "trainer", "trainer-compile", "fast", "fast-compile", "fast-bf16", "fast-packed"]
     names += ["fast-packed-compile"]
-    levers = ("sdpa", "fused-loss", "foreach", "fused-adamw", "bf16", "recompute")
-    names += [f"fast-no-{lever}" for lever in levers]
+    names += [f"fast-no-{lever}" for lever in LEVERS]
     return names
 
 
 def fast_options(name: str, device: torch.device, compile_mode: str) -> FastOptions:
-    """The options of a `fast*` variant name."""
+    """The options of a `fast*` variant name: `fast[-packed][-compile][-bf16][-no-<lever>]...`, e.g.
+    `fast-packed-compile-no-recompute`."""
     default_precision = "bf16" if device.type == "cuda" else "fp32"
     options = FastOptions(precision=default_precision, compile_mode=compile_mode)
-    if name == "fast":
-        return options
-    if name == "fast-compile":
-        return dataclasses.replace(options, compile=True)
-    if name == "fast-bf16":
-        return dataclasses.replace(options, precision="bf16")
-    if name == "fast-packed":
-        return dataclasses.replace(options, pack=True)
-    if name == "fast-packed-compile":
-        return dataclasses.replace(options, pack=True, compile=True)
-    levers = {
-        "fast-no-sdpa": {"sdpa": False},
-        "fast-no-fused-loss": {"fused_loss": False},
-        "fast-no-foreach": {"foreach": False},
-        "fast-no-fused-adamw": {"fused_adamw": False},
-        "fast-no-bf16": {"precision": "fp32"},
-        "fast-no-recompute": {"recompute": False},
+    base, *switched_off = name.split("-no-")
+    flags = {"packed": {"pack": True}, "compile": {"compile": True}, "bf16": {"precision": "bf16"}}
+    words = base.split("-")
+    unknown = [lever for lever in switched_off if lever not in LEVERS]
+    if words[0] != "fast" or any(word not in flags for word in words[1:]) or unknown:
+        raise ValueError(
+            f"unknown variant {name!r}; known: {', '.join(variant_names(device))} (and fast* "
+            f"names combining -packed, -compile, -bf16 and -no-<lever>: {', '.join(LEVERS)})"
+        )
+    for word in words[1:]:
+        options = dataclasses.replace(options, **flags[word])
+    for lever in switched_off:
+        options = dataclasses.replace(options, **LEVERS[lever])
+    return options
+
+
+def loop_options(name: str) -> dict[str, Any]:
+    """The `LoopTrainer` options of a `trainer*` variant name: `trainer[-packed][-compile][-no-recompute]`."""
+    base, *switched_off = name.split("-no-")
+    words = base.split("-")
+    if (
+        words[0] != "trainer"
+        or any(w not in ("packed", "compile") for w in words[1:])
+        or any(lever != "recompute" for lever in switched_off)
+    ):
+        raise ValueError(f"unknown variant {name!r}: trainer[-packed][-compile][-no-recompute]")
+    return {
+        "pack_crops": "packed" in words,
+        "compile": "compile" in words,
+        "recompute_activations": not switched_off,
     }
-    if name not in levers:
-        raise ValueError(f"unknown variant {name!r}; known: {', '.join(variant_names(device))}")
-    return dataclasses.replace(options, **levers[name])
+
+
+def check_variant_name(name: str, device: torch.device) -> None:
+    """Raise ValueError for a name no variant answers to."""
+    if name == "baseline":
+        return
+    if name.startswith("trainer"):
+        loop_options(name)
+    else:
+        fast_options(name, device, "default")
 
 
 def build_variant(
@@ -682,12 +720,14 @@ def build_variant(
         return BaselineRunner(
             source, num_crops=len(crop_sizes), use_fp16=use_fp16, drop_path_rate=drop_path_rate
         )
-    if name in ("trainer", "trainer-compile"):
+    if name.startswith("trainer"):
+        options = loop_options(name)
         precision = "bf16" if device.type == "cuda" else "fp32"
         return LoopTrainer(
             source, preset=preset, overrides=overrides, crop_sizes=crop_sizes, batch_size=batch_size,
             precision=precision, drop_path_rate=drop_path_rate,
-            torch_compile=compile_mode if name == "trainer-compile" else None,
+            torch_compile=compile_mode if options["compile"] else None, pack_crops=options["pack_crops"],
+            recompute_activations=options["recompute_activations"],
         )  # fmt: skip
     return FastTrainer(source, fast_options(name, device, compile_mode), drop_path_rate=drop_path_rate)
 
@@ -837,7 +877,7 @@ def profile_steps(
     *,
     flops_per_step: float,
     step_seconds: float | None = None,
-    top: int = 12,
+    top: int = 25,
 ) -> dict[str, Any]:
     """Where one step's time goes, from `torch.profiler` over `len(schedules)` steps.
 
@@ -1223,10 +1263,12 @@ def equivalence_check(
         reference = baseline.dino_state_dicts()
         report: dict[str, Any] = {"baseline_losses": baseline_losses, "precision": precision, "steps": steps}
         for name in variants:
-            if name == "trainer":
+            if name.startswith("trainer"):
+                options = loop_options(name)
                 runner = LoopTrainer(
                     source, preset=preset, overrides=overrides, crop_sizes=crop_sizes, batch_size=batch_size,
-                    precision=precision, drop_path_rate=0.0,
+                    precision=precision, drop_path_rate=0.0, pack_crops=options["pack_crops"],
+                    recompute_activations=options["recompute_activations"],
                 )  # fmt: skip
             else:
                 options = dataclasses.replace(fast_options(name, device, "default"), precision=precision)
@@ -1461,8 +1503,10 @@ def main(argv: list[str] | None = None) -> int:
         arguments.variants = ["baseline", "trainer", "fast", "fast-compile"]
     arguments.profile = [name.strip() for name in (arguments.profile or "").split(",") if name.strip()]
     for name in arguments.variants + arguments.profile:
-        if name not in variant_names(device):
-            raise SystemExit(f"unknown variant {name!r}; known: {', '.join(variant_names(device))}")
+        try:
+            check_variant_name(name, device)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     results = run_benchmark(arguments)
     print(format_table(results))
     for name, entry in results["variants"].items():

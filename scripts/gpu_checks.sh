@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the performance issue in one call of at most 9.5 minutes on one H100 / H200.
+# Every GPU measurement of the performance issue in one call of at most 9 minutes on one H100 / H200.
 #
 #   OUT=/some/folder bash scripts/gpu_checks.sh          # from the repository root
 #
 # Writes at most 7 small files under $OUT (default: benchmarks/gpu): gpu_checks.log and one JSON per measurement.
-# In the order they run (what the performance issue still lacks first; the 565-s budget cuts the tail, which was
+# In the order they run (what the performance issue still lacks first; the 540-s budget cuts the tail, which was
 # measured on an H100 before):
-#   check.json                  fast path, packed crops and hf_dino's loop against the baseline on the same batch
-#                               (fp32, bf16)
-#   step_vit_small_10_compile.json   baseline; fast, fast with packed crops and hf_dino's loop with
-#                                    torch.compile reduce-overhead (CUDA graphs), with their profiles
-#                                    (the loop ran 2% behind the fast step on an H100: where?)
+#   step_vit_small_10_compile.json   ViT-S/16, 2x224 + 10x96, batch 64: the baseline; the fast step with packed
+#                                    crops and torch.compile reduce-overhead (CUDA graphs), with and without the
+#                                    blocks' own recomputation, with their profiles; hf_dino's loop the same way
+#   data_compiled.json          the photometric stage per batch (eager, compiled, blur as taps or convolution) and
+#                               end to end with the compiled step and photometric stage, in interleaved rounds:
+#                               synthetic crops, uint8 crops through the photometric stage, real JPEGs decoded in
+#                               the workers (and on the GPU), the time spent waiting on the loader
 #   step_vit_small_10_b128_compile.json   the same recipe at batch 128: baseline and fast with packed crops and
 #                                    CUDA graphs
-#   data_compiled.json          end to end with the compiled step and photometric stage: synthetic crops, uint8
-#                               crops through the photometric stage, real JPEGs decoded in the workers or on the
-#                               GPU, and the time spent waiting on the loader
-#   step_vit_small_10.json      ViT-S/16, 2x224 + 10x96, batch 64, uncompiled: baseline, loop, fast, fast with
-#                               packed crops and one-lever ablations (no-recompute: the activation levers' memory
-#                               and cost), with the profiles of baseline, fast and fast-packed (device kernels by
-#                               category)
+#   check.json                  fast path, packed crops and hf_dino's loop against the baseline on the same batch
+#                               (fp32, bf16)
+#   step_vit_small_10.json      uncompiled: baseline, loop, fast, fast with packed crops, no-recompute (the
+#                               activation levers' memory and cost): peak memory and ratios, the packed profile
 #   data.json                   data pipeline per core (PIL baseline vs hf_dino) and end to end, uncompiled
 #   (log) ViT-S/16 with 8 local crops, ViT-Ti/16 with 10 and 8; the activation memory of
 #   scripts/benchmark_activations.py
@@ -49,7 +48,7 @@ export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1
 LOG="$OUT/gpu_checks.log"
 PYTHON="${PYTHON:-python3}"
-BUDGET_SECONDS="${BUDGET_SECONDS:-565}"  # the whole script; the compile runs get what is left
+BUDGET_SECONDS="${BUDGET_SECONDS:-540}"  # the whole script; the compile runs get what is left
 START=$(date +%s)
 
 log() { echo "[gpu_checks $(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
@@ -104,33 +103,41 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
                --override out_dim=256"
 fi
 STEP="$PYTHON scripts/benchmark_step.py --device $DEVICE"
-run check 90 $STEP --check --check-full --check-precision fp32,bf16 --model vit_small_patch16 \
-    --local-crops 2 --batch-size 8 $TINY --json "$OUT/check.json"
 # In order of what the performance issue still needs (the budget cuts the tail). First the MFU (24.2% on an
-# H100 before the patch projection became a matrix product; the target is 25%): CUDA graphs through
-# torch.compile (reduce-overhead) paid most there (3.0x the baseline); each compiled
-# variant took 51-65 s to compile and record there (packed crops the least), and every variant is built before
-# the first timing round: the limit must cover all four (the four took 201 s). The profiles say how much of the step
-# the GPU is busy and in which kernels: what is left between the step and the hardware.
+# H100 with packed crops and CUDA graphs, before the patch projection became a matrix product; the target is
+# 25%): packed crops compiled with and without the blocks' own recomputation (under torch.compile the
+# partitioner may choose it as well), and hf_dino's loop with packed crops (its unpacked step ran at 2.94x the
+# baseline on an H100, the target is 3x). Each compiled variant took 51-65 s to compile and record there, and
+# every variant is built before the first timing round: the limit must cover all of them. The profiles say how
+# much of the step the GPU is busy and in which kernels.
 run step_vit_small_10_compile 280 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 \
-    --steps 5 --rounds 3 --variants baseline,fast-compile,fast-packed-compile,trainer-compile \
-    --compile-mode reduce-overhead --profile fast-compile,fast-packed-compile,trainer-compile $TINY \
+    --steps 5 --rounds 3 \
+    --variants baseline,fast-packed-compile,fast-packed-compile-no-recompute,trainer-packed-compile \
+    --compile-mode reduce-overhead \
+    --profile fast-packed-compile,fast-packed-compile-no-recompute,trainer-packed-compile $TINY \
     --json "$OUT/step_vit_small_10_compile.json"
+# End to end with the compiled step (CUDA graphs; the packed graph above, from inductor's cache) and the compiled
+# photometric stage, in interleaved rounds: synthetic crops, uint8 crops through the photometric stage, real
+# JPEGs (and the share of that run spent waiting on the loader). The photometric stage took about 17% of the
+# compiled step's time on an H100; --photometric: what it costs per batch of 64, eager and compiled, with the
+# blur as shifted multiply-adds (the compiled default now) and as a depthwise convolution (before): GPU busy
+# time and its top kernels.
+run data_compiled 200 "$PYTHON" scripts/benchmark_data.py --device $DEVICE --skip-per-core --photometric \
+    --photometric-batch-size 64 --end-to-end --compile-mode reduce-overhead --variant fast-packed-compile \
+    --workers 8 --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 6 --steps 30 --rounds 3 \
+    $DATA_TINY --json "$OUT/data_compiled.json"
 # The same recipe at batch 128 (the activation levers leave room for it): the MFU target does not fix the batch.
-run step_vit_small_10_b128_compile 150 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 128 \
+run step_vit_small_10_b128_compile 120 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 128 \
     --warmup 3 --steps 5 --rounds 2 --variants baseline,fast-packed-compile --compile-mode reduce-overhead \
     $TINY --json "$OUT/step_vit_small_10_b128_compile.json"
-# End to end with the compiled step (CUDA graphs; the same graph as above, from inductor's cache) and the compiled
-# photometric stage: synthetic crops, uint8 crops through the photometric stage, real JPEGs (and the share of
-# that run spent waiting on the loader). --photometric: what the photometric stage costs per batch of 64, eager and
-# compiled: GPU busy time and its top kernels (it took about 17% of the compiled step's time on an H100).
-run data_compiled 180 "$PYTHON" scripts/benchmark_data.py --device $DEVICE --skip-per-core --photometric \
-    --photometric-batch-size 64 --end-to-end --compile-mode reduce-overhead --workers 8 --model vit_small_patch16 --local-crops 10 \
-    --batch-size 64 --warmup 6 --steps 40 $DATA_TINY --json "$OUT/data_compiled.json"
-# The peak memory (measured on an H100: 0.56x the baseline's) and the ratios of the uncompiled step, with where its time goes (--profile: device kernels by category).
-run step_vit_small_10 150 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 --steps 5 \
-    --rounds 3 --variants baseline,trainer,fast,fast-packed,fast-no-recompute,fast-no-sdpa,fast-no-fused-loss,fast-no-foreach,fast-no-fused-adamw,fast-no-bf16 \
-    --profile baseline,fast,fast-packed $TINY --json "$OUT/step_vit_small_10.json"
+# The fast path, packed crops and hf_dino's loop against the baseline on the same batch (fp32, bf16): the patch
+# projection is a matrix product now (cuBLAS instead of cuDNN's convolution).
+run check 90 $STEP --check --check-full --check-precision fp32,bf16 --model vit_small_patch16 \
+    --local-crops 2 --batch-size 8 $TINY --json "$OUT/check.json"
+# The peak memory (measured on an H100: 0.56x the baseline's) and the ratios of the uncompiled step.
+run step_vit_small_10 100 $STEP --model vit_small_patch16 --local-crops 10 --batch-size 64 --warmup 3 --steps 5 \
+    --rounds 3 --variants baseline,trainer,fast,fast-packed,fast-no-recompute,trainer-packed \
+    --profile fast-packed $TINY --json "$OUT/step_vit_small_10.json"
 # Measured on an H100 before (benchmarks/gpu): rerun when the budget allows; the step runs print to the log only
 # (the device tool returns 8 files at most).
 run data 100 "$PYTHON" scripts/benchmark_data.py --device $DEVICE --seconds 2 --end-to-end --workers 8 \

@@ -317,6 +317,18 @@ def test_blur_is_close_to_pil_gaussian_blur(sigma):
     assert ours.diff(dim=-1).abs().mean() < (tensor[0] * 255).diff(dim=-1).abs().mean()
 
 
+def test_blur_methods_agree():
+    images = torch.rand(5, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    kernels = gaussian_kernels(torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0]), 6)
+    taps = gaussian_blur(images, kernels, "taps")
+    torch.testing.assert_close(taps, gaussian_blur(images, kernels, "convolution"), atol=1e-6, rtol=0)
+    # Replicated edges: a constant image stays constant, at the borders too.
+    constant = torch.full((1, 3, 9, 9), 0.25)
+    torch.testing.assert_close(gaussian_blur(constant, kernels[4:], "taps"), constant)
+    with pytest.raises(ValueError, match="unknown blur method"):
+        gaussian_blur(images, kernels, "fft")
+
+
 def test_blur_kernel_size_follows_sigma_like_pil():
     kernels = gaussian_kernels(torch.tensor([0.5, 1.0, 1.5, 2.0]), 6)
     support = (kernels > 0).sum(dim=1)

@@ -162,7 +162,24 @@ def test_fast_path_gradients_equal_the_baseline_gradients():
         assert (parameter.grad - expected[key]).norm().item() <= tolerance, key
 
 
-@pytest.mark.parametrize("variant", ["fast", "fast-packed", "trainer"])
+def test_fast_variant_names_compose_levers():
+    cpu = torch.device("cpu")
+    options = benchmark_step.fast_options("fast-packed-compile-no-recompute-no-sdpa", cpu, "reduce-overhead")
+    assert (options.pack, options.compile, options.recompute, options.sdpa) == (True, True, False, False)
+    assert options.compile_mode == "reduce-overhead" and options.precision == "fp32"
+    assert benchmark_step.fast_options("fast", torch.device("cuda"), "default").precision == "bf16"
+    assert benchmark_step.fast_options("fast-no-bf16", torch.device("cuda"), "default").precision == "fp32"
+    for bad in ("fast-packd", "fast-no-nothing", "slow", "trainer-fast", "trainer-no-sdpa"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            benchmark_step.check_variant_name(bad, cpu)
+    assert benchmark_step.loop_options("trainer-packed-compile-no-recompute") == {
+        "pack_crops": True,
+        "compile": True,
+        "recompute_activations": False,
+    }
+
+
+@pytest.mark.parametrize("variant", ["fast", "fast-packed", "trainer", "trainer-packed-no-recompute"])
 def test_one_step_matches_the_baseline_in_float32(variant):
     report = benchmark_step.equivalence_check(
         variants=(variant,), steps=2, crop_sizes=TINY_CROPS, batch_size=4
@@ -359,8 +376,8 @@ def test_benchmark_data_end_to_end_on_cpu(tmp_path):
     arguments = [
         "--images", "4", "--image-dir", str(tmp_path), "--skip-per-core", "--end-to-end", "--device", "cpu",
         "--workers", "0", "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--batch-size", "2",
-        "--warmup", "1", "--steps", "1", "--loader-batches", "1", "--json", str(tmp_path / "data.json"),
-        "--model", "vit_tiny_patch16",
+        "--warmup", "1", "--steps", "1", "--rounds", "2", "--loader-batches", "1",
+        "--json", str(tmp_path / "data.json"), "--model", "vit_tiny_patch16",
     ] + [f"--override={key}={value}" for key, value in benchmark_step.TINY_OVERRIDES.items()]  # fmt: skip
     assert benchmark_data.main(arguments) == 0
     end = json.loads((tmp_path / "data.json").read_text())["end_to_end"]
@@ -370,9 +387,16 @@ def test_benchmark_data_end_to_end_on_cpu(tmp_path):
         "real_jpeg_images_per_second",
         "real_jpeg_device_decode_images_per_second",
         "real_over_synthetic",
+        "photometric_over_synthetic",
+        "real_over_photometric",
         "real_device_decode_over_synthetic",
     ):
         assert end[key] > 0, end
+    # Interleaved rounds, and the ratios pair the runs of one round.
+    rounds = end["rounds_images_per_second"]
+    assert [len(rates) for rates in rounds.values()] == [2, 2, 2], rounds
+    pairs = [real / synthetic for real, synthetic in zip(rounds["real_jpeg"], rounds["synthetic"])]
+    assert end["real_over_synthetic"] == pytest.approx(sum(pairs) / 2), end
     assert 0 <= end["real_loader_wait_fraction"] < 1, end
     assert 0 <= end["real_device_decode_loader_wait_fraction"] < 1, end
     # JPEGs decoded and cut as one batch (here on the CPU): the crops of hf_dino's per-image CPU path.
@@ -428,7 +452,7 @@ def test_gpu_checks_dry_run_on_cpu(tmp_path):
             if "compile" not in name:  # may run out of the dry run's time budget while compiling
                 assert "images_per_second" in entry, (path.name, name, entry.get("error"))
     profiled = json.loads((tmp_path / "step_vit_small_10.json").read_text())["variants"]
-    assert profiled["fast"]["profile"]["busy_ms_per_step"] > 0, profiled["fast"]["profile"]
+    assert profiled["fast-packed"]["profile"]["busy_ms_per_step"] > 0, profiled["fast-packed"]["profile"]
     check = json.loads((tmp_path / "check.json").read_text())
     assert check["fp32"]["fast"]["center"] < 1e-4
     assert "real_over_synthetic" in json.loads((tmp_path / "data.json").read_text())["end_to_end"]
@@ -500,7 +524,9 @@ def test_photometric_dispatch_counts_operations_eager_and_compiled():
     # The compiled stage dispatches fewer operations per batch than either eager path (a CPU stands in).
     config = MultiCropConfig(global_crop_size=32, local_crop_size=16, local_crops_number=2)
     results = benchmark_data.photometric_dispatch(config, 2, torch.device("cpu"))
-    for name in ("eager-subset", "eager-sync-free", "compiled"):
+    for name in ("eager-subset", "eager-sync-free", "compiled", "compiled-convolution"):
         assert results[name]["aten_ops_per_batch"] > 0 and results[name]["wall_ms_per_batch"] > 0
     assert results["compiled"]["aten_ops_per_batch"] < results["eager-sync-free"]["aten_ops_per_batch"]
+    # The blur's convolutions stay library calls under compilation; its taps fuse away.
+    assert results["compiled"]["aten_ops_per_batch"] < results["compiled-convolution"]["aten_ops_per_batch"]
     assert "photometric stage, batch 2" in benchmark_data.format_table({"photometric": results})
