@@ -689,6 +689,15 @@ def end_to_end(
     if rounds["real_jpeg"] and rounds["synthetic_uint8_with_photometric"]:
         # What the loader costs beyond that: near 1 when the workers keep up.
         results["real_over_photometric"] = paired("real_jpeg", "synthetic_uint8_with_photometric")
+    if arguments.diagnose:
+        try:
+            results["photometric_step_diagnosis"] = diagnose_photometric_step(
+                trainer, augmentation, uint8_crops, synthetic, generator, step, arguments, device
+            )
+        except Exception as error:
+            results["photometric_step_diagnosis"] = {"error": f"{type(error).__name__}: {error}"}
+    if arguments.skip_extras:
+        return results
     # The JPEG-decoding-on-the-accelerator lever (the workers only read headers and draw crop boxes), against
     # a synthetic run right after it.
     try:
@@ -716,6 +725,103 @@ def end_to_end(
         except Exception as error:
             results[name] = {"error": f"{type(error).__name__}: {error}"}
     return results
+
+
+def diagnose_photometric_step(
+    trainer: Any,
+    augmentation: MultiCropAugmentation,
+    uint8_crops: list[torch.Tensor],
+    synthetic: list[list[torch.Tensor]],
+    generator: torch.Generator,
+    step: Any,
+    arguments: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Why the step behind the photometric stage is slower than the stage's own device time says.
+
+    Per step, for synthetic crops, the photometric stage alone and the stage with the step: host-device
+    synchronisations, host milliseconds to issue the work (no synchronisation inside the timed calls, a few
+    steps so that the launch queue never fills), compiled graphs and recompilations during them, and the device's
+    busy milliseconds under the profiler. And the step's rate with the stage's views copied out of their shared
+    storage (the local views are slices of one tensor): whether the aliasing costs the step.
+    """
+    import benchmark_step
+    import torch._dynamo
+    from torch.profiler import ProfilerActivity, profile
+
+    def photometric() -> list[torch.Tensor]:
+        return augmentation.apply_on_device(uint8_crops, generator)
+
+    # The stage in CUDA graphs of its own (reduce-overhead): one replay per view kind instead of ~40 launches.
+    graphed = MultiCropAugmentation(augmentation.config, photometric_on="accelerator")
+    graphed.photometric.to(device)
+    for stage in (graphed.photometric.global_1, graphed.photometric.global_2, graphed.photometric.local):
+        stage.sync_free = True
+        stage._compiled_apply = torch.compile(stage.apply, mode="reduce-overhead", dynamic=False)
+
+    def photometric_graphed() -> list[torch.Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed.apply_on_device(uint8_crops, generator)
+
+    work = {
+        "synthetic_step": lambda index: trainer.step(
+            synthetic[index % 2], benchmark_step.schedule_for(next(step))
+        ),
+        "photometric_stage": lambda index: photometric(),
+        "photometric_and_step": lambda index: trainer.step(
+            photometric(), benchmark_step.schedule_for(next(step))
+        ),
+        "photometric_copied_and_step": lambda index: trainer.step(
+            [view.clone() for view in photometric()], benchmark_step.schedule_for(next(step))
+        ),
+    }
+    if device.type == "cuda":
+        work["photometric_graphed_and_step"] = lambda index: trainer.step(
+            photometric_graphed(), benchmark_step.schedule_for(next(step))
+        )
+    report: dict[str, Any] = {}
+    for name, function in work.items():
+        entry: dict[str, Any] = {}
+        for index in range(arguments.warmup):
+            function(index)
+        trainer.flush()
+        benchmark_step._synchronize(device)
+        counters = torch._dynamo.utils.counters
+        graphs_before = counters["stats"]["unique_graphs"]
+        recompiles_before = sum(counters["recompiles"].values())
+        host = []
+        for index in range(3):
+            benchmark_step._synchronize(device)
+            start = time.perf_counter()
+            function(index)
+            host.append(time.perf_counter() - start)
+        benchmark_step._synchronize(device)
+        entry["host_ms_per_step"] = statistics.median(host) * 1000
+        with benchmark_step.HostSyncCounter(device) as counter:
+            function(0)
+        benchmark_step._synchronize(device)
+        entry["syncs_per_step"] = counter.total
+        entry["syncs_by_kind"] = dict(counter.counts.most_common(5))
+        start = time.perf_counter()
+        for index in range(arguments.steps):
+            function(index)
+        trainer.flush()
+        benchmark_step._synchronize(device)
+        entry["wall_ms_per_step"] = (time.perf_counter() - start) / arguments.steps * 1000
+        entry["new_graphs"] = counters["stats"]["unique_graphs"] - graphs_before
+        entry["recompiles"] = sum(counters["recompiles"].values()) - recompiles_before
+        if device.type == "cuda":
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+                for index in range(3):
+                    function(index)
+                benchmark_step._synchronize(device)
+            _, busy, kernels = benchmark_step.device_activity(profiler.events())
+            entry["device_busy_ms_per_step"] = busy / 3 * 1000
+            entry["device_kernels_per_step"] = kernels / 3
+        trainer.flush()
+        report[name] = entry
+        print(f"[diagnose] {name}: {json.dumps(entry)}", flush=True)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -793,6 +899,16 @@ def format_table(results: dict[str, Any]) -> str:
         if "real_device_decode_over_synthetic" in end:
             value = end["real_device_decode_over_synthetic"]
             lines.append(f"  {'real, decoded on the device / synthetic':<52}{value:>10.3f}")
+        for name, entry in end.get("photometric_step_diagnosis", {}).items():
+            if not isinstance(entry, dict):
+                lines.append(f"  diagnosis: {entry}")
+                continue
+            lines.append(
+                f"  {name:<28} host {entry['host_ms_per_step']:7.2f} ms  wall {entry['wall_ms_per_step']:7.2f} ms"
+                f"  device busy {entry.get('device_busy_ms_per_step', float('nan')):7.2f} ms"
+                f"  syncs {entry['syncs_per_step']}  new graphs {entry['new_graphs']}"
+                f"  recompiles {entry['recompiles']}"
+            )
         for key in ("real_loader_wait_fraction", "real_device_decode_loader_wait_fraction"):
             if key in end:
                 lines.append(f"  {key:<52}{end[key]:>10.3f}")
@@ -803,7 +919,9 @@ def format_table(results: dict[str, Any]) -> str:
                 f"mean {agreement['mean_grey_levels']:.3f}, {100 * agreement['share_within_2_levels']:.2f}% <= 2"
             )
         for key in ("loader_only_pil_baseline", "loader_only_hf_dino_geometric", "loader_only_device_decode"):
-            entry = end.get(key, {})
+            if key not in end:
+                continue
+            entry = end[key]
             value = entry.get("images_per_second")
             lines.append(f"  {key:<52}{value:>10.1f}" if value else f"  {key:<52}  {entry.get('error', '')}")
     return "\n".join(lines)
@@ -861,6 +979,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="End to end: the step, a fast* variant of scripts/benchmark_step.py (default: fast, or "
         "fast-compile with --compile-mode).",
+    )
+    parser.add_argument(
+        "--skip-extras",
+        action="store_true",
+        help="End to end: only the rounds (and --diagnose): no decoding on the device, no loader-only rates.",
+    )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="End to end: also the photometric step's host time, syncs, graphs and device busy time per step.",
     )
     parser.add_argument(
         "--photometric",
