@@ -445,6 +445,7 @@ def photometric_dispatch(config: MultiCropConfig, batch_size: int, device: torch
 
     On an accelerator every dispatched operation is at least one kernel launch from the training process,
     so the count says what the stage costs that process there, whatever device measures it."""
+    import torch._dynamo
     from torch.profiler import ProfilerActivity, profile
 
     from hf_dino.augmentation import MultiCropPhotometric
@@ -502,6 +503,9 @@ def photometric_dispatch(config: MultiCropConfig, batch_size: int, device: torch
                 for kernel, seconds in sorted(totals.items(), key=lambda item: -item[1])[:8]
             ]
         results[name] = entry
+    # Nothing compiled here may stay in dynamo's caches for what runs next in this process (on an H100 with torch
+    # 2.11 these stages, compiled per instance then, filled them: the end-to-end stage ran eagerly).
+    torch._dynamo.reset()
     return results
 
 
@@ -737,7 +741,7 @@ def diagnose_photometric_step(
     arguments: argparse.Namespace,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Why the step behind the photometric stage is slower than the stage's own device time says.
+    """Where the photometric stage's time goes when it feeds the step.
 
     Per step, for synthetic crops, the photometric stage alone and the stage with the step: host-device
     synchronisations, host milliseconds to issue the work (no synchronisation inside the timed calls, a few
@@ -752,17 +756,6 @@ def diagnose_photometric_step(
     def photometric() -> list[torch.Tensor]:
         return augmentation.apply_on_device(uint8_crops, generator)
 
-    # The stage in CUDA graphs of its own (reduce-overhead): one replay per view kind instead of ~40 launches.
-    graphed = MultiCropAugmentation(augmentation.config, photometric_on="accelerator")
-    graphed.photometric.to(device)
-    for stage in (graphed.photometric.global_1, graphed.photometric.global_2, graphed.photometric.local):
-        stage.sync_free = True
-        stage._compiled_apply = torch.compile(stage.apply, mode="reduce-overhead", dynamic=False)
-
-    def photometric_graphed() -> list[torch.Tensor]:
-        torch.compiler.cudagraph_mark_step_begin()
-        return graphed.apply_on_device(uint8_crops, generator)
-
     work = {
         "synthetic_step": lambda index: trainer.step(
             synthetic[index % 2], benchmark_step.schedule_for(next(step))
@@ -775,10 +768,6 @@ def diagnose_photometric_step(
             [view.clone() for view in photometric()], benchmark_step.schedule_for(next(step))
         ),
     }
-    if device.type == "cuda":
-        work["photometric_graphed_and_step"] = lambda index: trainer.step(
-            photometric_graphed(), benchmark_step.schedule_for(next(step))
-        )
     report: dict[str, Any] = {}
     for name, function in work.items():
         entry: dict[str, Any] = {}

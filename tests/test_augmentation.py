@@ -365,6 +365,24 @@ def test_compiled_photometric_stage_matches_the_eager_one():
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+def test_compiled_stages_share_their_graphs_across_instances():
+    """Every trainer of a process compiles its own stages: they reuse one set of graphs, so that dynamo's
+    limit of 8 per code object is never reached (past it, the stage would run eagerly)."""
+    import torch._dynamo
+
+    config = MultiCropConfig(global_crop_size=16, local_crop_size=8, local_crops_number=2)
+    crops = [torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8) for size in (16, 16, 8, 8)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for seed in range(4):
+        stage = MultiCropPhotometric(config)
+        stage.compile_apply()
+        stage(crops, torch.Generator().manual_seed(seed))
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 3  # global 1, global 2, local: their settings differ
+    assert not counters["recompiles"] and not counters["graph_break"]
+
+
 def bernoulli_tolerance(probability: float, count: int) -> float:
     return 5 * math.sqrt(max(probability * (1 - probability), 1e-12) / count) + 1e-12
 
