@@ -242,6 +242,15 @@ def test_no_weight_decay_on_biases_and_one_dimensional_parameters():
     assert any("layernorm" in name for name in not_decayed)
 
 
+def test_adamw_uses_the_fused_kernel(tmp_path):
+    adamw = DinoTrainer(tiny_arguments(tmp_path / "adamw"), train_dataset=fixed_crops())
+    adamw.setup()
+    assert all(group["fused"] for group in adamw.optimizer.param_groups)
+    sgd = DinoTrainer(tiny_arguments(tmp_path / "sgd", optimizer="sgd"), train_dataset=fixed_crops())
+    sgd.setup()
+    assert not isinstance(sgd.optimizer.optimizer, torch.optim.AdamW)
+
+
 def test_per_parameter_clipping_matches_the_original_loop():
     generator = torch.Generator().manual_seed(0)
     parameters = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(5, 3), (7,), (2, 2, 2)]]

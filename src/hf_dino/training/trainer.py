@@ -273,8 +273,18 @@ class DinoTrainer:
         if accelerator.num_processes > 1 and self.device.type == "cuda" and _has_batch_norm(student):
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        optimizer = build_optimizer(arguments.optimizer, parameter_groups(student))
         from accelerate.utils import DistributedType
+
+        # AdamW's fused kernel where torch has it and the parameters are plain tensors (not FSDP's DTensors):
+        # one pass over the state instead of about ten foreach passes. It took 16 instead of 94 ms per step on
+        # this project's development CPU (ViT-Ti/16 and head, 27M parameters), and 0.9 ms of the 39.9 ms
+        # compiled ViT-S/16 step on an H100 went to the foreach kernels.
+        fused = (
+            arguments.optimizer == "adamw"
+            and self.device.type in ("cuda", "cpu")
+            and accelerator.distributed_type != DistributedType.FSDP
+        )
+        optimizer = build_optimizer(arguments.optimizer, parameter_groups(student), fused=fused or None)
 
         if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
             raise ValueError(
