@@ -694,10 +694,11 @@ class PhotometricAugmentation(nn.Module):
         if mode == "reduce-overhead":
             mode = "default"
         self.sync_free = True
-        # One compiled `apply` per mode for every instance, the module an argument of it: dynamo keeps its
-        # compiled graphs per code object, one set of entries per `torch.compile` call, and falls back to eager
-        # code past 8 of them. Compiled per instance, a third photometric stage in one process (another trainer,
-        # a benchmark) ran eagerly on an H100 (torch 2.11), at about 3x the stage's compiled device time.
+        # One compiled `apply` per mode for every instance, the module an argument of it. Dynamo keeps at most 8
+        # graphs per code object and runs the code eagerly past them. Compiled per instance
+        # (`torch.compile(self.apply)`), the stages of three `MultiCropPhotometric` in one process (a benchmark;
+        # another trainer would do the same) reached that limit on an H100 with torch 2.11, and the third ran
+        # eagerly. Torch 2.14 shared the graphs across instances in either form.
         if mode not in _COMPILED_APPLY:
             _COMPILED_APPLY[mode] = torch.compile(PhotometricAugmentation.apply, mode=mode, dynamic=False)
         self._compiled_apply = _COMPILED_APPLY[mode]

@@ -275,10 +275,10 @@ class DinoTrainer:
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         from accelerate.utils import DistributedType
 
-        # AdamW's fused kernel where torch has it and the parameters are plain tensors (not FSDP's DTensors):
-        # one pass over the state instead of about ten foreach passes. It took 16 instead of 94 ms per step on
-        # this project's development CPU (ViT-Ti/16 and head, 27M parameters), and 0.9 ms of the 39.9 ms
-        # compiled ViT-S/16 step on an H100 went to the foreach kernels.
+        # AdamW's fused kernel where torch has it and the parameters are plain tensors (not FSDP's DTensors),
+        # instead of torch's default foreach implementation: 16 instead of 94 ms per optimizer step on this
+        # project's development CPU (ViT-Ti/16 and head, 27M parameters). With foreach, this loop's compiled
+        # ViT-S/16 step on an H100 spent 0.9 ms (of 39.9) more in optimizer kernels than a fused-AdamW step.
         fused = (
             arguments.optimizer == "adamw"
             and self.device.type in ("cuda", "cpu")
